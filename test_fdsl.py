@@ -1,0 +1,487 @@
+"""Tests for fdsl.py: one test per promise the code makes. CPU only, a few minutes on 2 cores.
+
+    python -m pytest -q test_fdsl.py
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+import fdsl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# torchvision >= 0.29 deprecates its image decoders; fdsl falls back to PIL once they are gone.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+torch.set_num_threads(2)
+
+
+def correlated(n, d, seed=0, dtype=torch.float64):
+    """n samples of d strongly correlated, unevenly scaled axes with a non-zero mean."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=dtype) + 2.0 * torch.ones(d, d, dtype=dtype)
+    return torch.randn(n, d, generator=g, dtype=dtype) @ mix + 3.0
+
+
+def block_covariances(y, groups):
+    """Per-group covariance (biased) of y: N x D -> G x S x S."""
+    n, d = y.shape
+    yg = (y - y.mean(0)).reshape(n, groups, d // groups).transpose(0, 1)
+    return yg.transpose(1, 2) @ yg / n
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupWhitening
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups,shuffle", [(1, False), (4, False), (4, True), (16, True)])
+def test_whitening_makes_each_group_covariance_identity(groups, shuffle):
+    torch.manual_seed(0)
+    layer = fdsl.GroupWhitening(64, groups=groups, shuffle=shuffle, eps=1e-9)
+    x = correlated(512, 64)
+    y = layer(x)
+    # The groups are formed in the permuted order: look at the output in that order.
+    perm = layer.last_perm if shuffle else torch.arange(64)
+    cov = block_covariances(y[:, perm], groups)
+    eye = torch.eye(64 // groups, dtype=torch.float64).expand_as(cov)
+    assert (cov - eye).abs().max() < 1e-3
+    assert y.mean(0).abs().max() < 1e-6
+    # ...and with groups > 1 the input really was strongly correlated across groups,
+    # so the identity above is the layer's doing, not the data's.
+    assert block_covariances(x, 1)[0].abs().max() > 10
+
+
+def test_shuffle_draws_a_new_permutation_every_call():
+    torch.manual_seed(0)
+    layer = fdsl.GroupWhitening(64, groups=4, shuffle=True)
+    x = correlated(256, 64)
+    layer(x)
+    p1 = layer.last_perm.clone()
+    layer(x)
+    assert not torch.equal(p1, layer.last_perm)
+    assert torch.equal(p1.sort().values, torch.arange(64))
+
+
+def test_unpermute_puts_every_axis_back():
+    # Whitening an already white batch is the identity for any grouping, so with shuffling on,
+    # the output equals the input exactly when every axis is returned to its own place.
+    torch.manual_seed(0)
+    n, d = 256, 64
+    xc = torch.randn(n, d, dtype=torch.float64)
+    xc -= xc.mean(0)
+    white = torch.linalg.qr(xc).Q * math.sqrt(n)  # orthonormal centred columns: covariance = I
+    layer = fdsl.GroupWhitening(d, groups=8, shuffle=True, eps=0.0)
+    for _ in range(3):
+        y = layer(white)
+        assert not torch.equal(layer.last_perm, torch.arange(d))
+        torch.testing.assert_close(y, white, atol=1e-8, rtol=0)
+
+
+def test_bn_is_batch_standardization_without_affine():
+    x = correlated(128, 32).float()
+    layer = fdsl.normalization_layer("bn", 32, eps=1e-5)
+    ref = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    # Standardized, yet still correlated: exactly the dimensional-collapse loophole.
+    assert fdsl.collapse_metrics(layer(x))["corr_strength"] > 0.5
+
+
+def test_whitening_gradients_are_finite():
+    torch.manual_seed(0)
+    layer = fdsl.GroupWhitening(64, groups=16, shuffle=True)
+    x = correlated(64, 64, dtype=torch.float32).requires_grad_()
+    target = torch.randn(64, 64)
+    ((layer(x) - target) ** 2).sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_whitening_rejects_bad_configurations():
+    with pytest.raises(ValueError):
+        fdsl.GroupWhitening(64, groups=5)
+    with pytest.raises(ValueError):
+        fdsl.GroupWhitening(64, groups=0)
+    with pytest.raises(ValueError):
+        fdsl.GroupWhitening(64, groups=4)(torch.randn(32, 48))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentations
+# ---------------------------------------------------------------------------------------------
+
+def images(n=8, size=32, seed=0):
+    return fdsl.make_synthetic(n, size, seed)[0]
+
+
+def unnormalize(x):
+    mean = torch.tensor(fdsl.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(fdsl.IMAGENET_STD).view(1, 3, 1, 1)
+    return x * std + mean
+
+
+def test_augment_shapes_and_ranges():
+    x = images(16)
+    out = fdsl.augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    pixels = unnormalize(out)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    # uint8 and float [0, 1] input are the same image to augment
+    same = fdsl.augment(x.float() / 255, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, same)
+
+
+def test_every_image_gets_its_own_crop():
+    x = images(1).expand(6, -1, -1, -1).contiguous()  # six copies of one image
+    out = fdsl.random_resized_crop_flip(fdsl.to_float(x), generator=torch.Generator().manual_seed(0))
+    flat = out.flatten(1)
+    assert all((flat[i] - flat[j]).abs().max() > 0.05 for i in range(6) for j in range(i))
+
+
+def test_augment_reproduces_with_a_seed():
+    x = images(8)
+    a = fdsl.augment(x, torch.Generator().manual_seed(3))
+    b = fdsl.augment(x, torch.Generator().manual_seed(3))
+    c = fdsl.augment(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 0.1
+
+
+def test_crop_of_the_whole_image_is_exact_and_flip_is_a_mirror():
+    x = fdsl.to_float(images(4))
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    torch.testing.assert_close(fdsl.random_resized_crop_flip(x, flip_p=0.0, **whole), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fdsl.random_resized_crop_flip(x, flip_p=1.0, **whole), x.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_hue_shift_matches_torchvision():
+    x = fdsl.to_float(images(4))
+    h, s, v = fdsl._rgb_to_hsv(x)
+    for shift in (0.0, 0.07, -0.1):
+        mine = fdsl._hsv_to_rgb((h + shift) % 1.0, s, v)
+        torch.testing.assert_close(mine, TF.adjust_hue(x, shift), atol=2e-5, rtol=0)
+
+
+def test_color_jitter_off_is_identity_and_on_changes_colours():
+    x = fdsl.to_float(images(8))
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(fdsl.color_jitter(x, p=0.0, generator=g), x, atol=1e-5, rtol=0)
+    jittered = fdsl.color_jitter(x, p=1.0, generator=g)
+    assert ((jittered - x).abs().flatten(1).amax(1) > 0.02).all()
+    gray = fdsl.random_grayscale(x, p=1.0, generator=g)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Collapse metrics and k-NN
+# ---------------------------------------------------------------------------------------------
+
+def test_metrics_of_constant_features():
+    m = fdsl.collapse_metrics(torch.ones(100, 16) * 3)
+    assert m["std"] == 0 and m["std_l2"] == 0 and m["corr_strength"] == 0
+
+
+def test_metrics_of_rank_one_features():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 1, generator=g) * torch.randn(1, 32, generator=g) + 0.5
+    m = fdsl.collapse_metrics(z)
+    assert m["corr_strength"] > 0.999
+    assert m["eff_rank"] < 1.01
+    assert m["spectrum"][0] == 1.0 and max(m["spectrum"][1:]) < 1e-6
+
+
+def test_metrics_of_isotropic_gaussian():
+    d = 32
+    z = torch.randn(20000, d, generator=torch.Generator().manual_seed(0))
+    m = fdsl.collapse_metrics(z)
+    assert abs(m["std_l2"] - 1 / math.sqrt(d)) < 0.02 / math.sqrt(d)
+    assert abs(m["std"] - 1) < 0.02
+    assert m["corr_strength"] < 0.02
+    assert m["eff_rank"] > 0.98 * d
+    assert len(m["spectrum"]) == d and m["spectrum"] == sorted(m["spectrum"], reverse=True)
+
+
+def test_knn_is_perfect_on_separable_clusters_and_chance_on_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 64, generator=g) * 5
+    ytr, yte = torch.arange(2000) % 10, torch.arange(1000) % 10
+    ftr = centres[ytr] + torch.randn(2000, 64, generator=g)
+    fte = centres[yte] + torch.randn(1000, 64, generator=g)
+    assert fdsl.knn_accuracy(ftr, ytr, fte, yte, k=200, t=0.1, chunk=128) == 100.0
+    noise_tr, noise_te = torch.randn(5000, 64, generator=g), torch.randn(2000, 64, generator=g)
+    acc = fdsl.knn_accuracy(noise_tr, torch.randint(0, 10, (5000,), generator=g), noise_te,
+                            torch.randint(0, 10, (2000,), generator=g))
+    assert 6.0 < acc < 14.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------------------------
+
+COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
+
+
+def write_image_folder(root, per_class=4):
+    from PIL import Image
+    for split in ("train", "test"):
+        for name, rgb in COLOURS.items():
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(per_class):
+                size = (32, 32) if i % 2 == 0 else (48, 40)  # some need resizing
+                ext = "png" if i % 3 == 0 else "jpg"
+                Image.new("RGB", size, rgb).save(os.path.join(root, split, name, f"{i}.{ext}"))
+
+
+def test_image_folder_loads_through_the_real_path(tmp_path):
+    write_image_folder(tmp_path)
+    data = fdsl.load_image_folder(str(tmp_path), 32, progress=False)
+    assert data.classes == ["blue", "green", "red"]  # ImageFolder order: sorted
+    assert data.train_x.shape == (12, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.test_x.shape == (12, 3, 32, 32)
+    assert data.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for label, rgb in enumerate(COLOURS.values()):  # each class has its colour in the right channel
+        mean = data.train_x[data.train_y == label].float().mean((0, 2, 3))
+        assert int(mean.argmax()) == max(range(3), key=lambda c: rgb[c])
+
+
+def test_cifar_offline_gives_one_clear_message(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--dataset folder" in err and "--dataset synthetic" in err
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    x1, y1 = fdsl.make_synthetic(200, 32, seed=5)
+    x2, y2 = fdsl.make_synthetic(200, 32, seed=5)
+    x3, _ = fdsl.make_synthetic(200, 32, seed=6)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.bincount(y1).tolist() == [20] * 10
+    # Classes differ in shape, not in colour: mean colours of classes are alike.
+    means = torch.stack([x1[y1 == c].float().mean((0, 2, 3)) for c in range(10)])
+    assert (means.amax(0) - means.amin(0)).max() < 40
+
+
+def test_balanced_subset():
+    y = torch.arange(1000) % 10
+    x = torch.arange(1000)
+    xs, ys = fdsl.balanced_subset(x, y, 300, seed=0)
+    assert torch.bincount(ys).tolist() == [30] * 10 and torch.equal(y[xs], ys)
+    assert len(set(xs.tolist())) == 300
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's findings in miniature, end to end through main()
+# ---------------------------------------------------------------------------------------------
+
+TINY = ["--dataset", "synthetic", "--arch", "small", "--train-subset", "1024", "--test-subset", "500",
+        "--proj-dim", "128", "--proj-hidden", "256", "--groups", "4", "--batch-size", "64",
+        "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "6", "--eval-every", "0",
+        "--metric-samples", "512", "--linear-epochs", "0", "--no-progress"]
+
+
+def run_tiny(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    results = fdsl.main(TINY + ["--out", out, *extra])
+    return results, fdsl.read_log(os.path.join(out, "log.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("findings")
+    return {d: run_tiny(tmp, d, "--decorr", d) for d in ("none", "bn", "zca")}
+
+
+def test_no_normalization_collapses_completely(findings):
+    results, log = findings["none"]
+    start, end = log[0]["collapse"]["projector"], results["collapse"]["projector"]
+    assert end["std"] < start["std"] / 10
+    assert end["std_l2"] < start["std_l2"] / 2
+
+
+def test_standardization_and_whitening_prevent_complete_collapse(findings):
+    for d in ("bn", "zca"):
+        norm = findings[d][0]["collapse"]["normalized"]
+        assert norm["std"] > 0.9  # the layer's output keeps unit scale by construction
+        proj = findings[d][0]["collapse"]["projector"]
+        assert proj["std"] > findings["none"][0]["collapse"]["projector"]["std"] * 10
+
+
+def test_standardization_collapses_dimensions_and_whitening_does_not(findings):
+    bn = findings["bn"][0]["collapse"]["projector"]
+    zca = findings["zca"][0]["collapse"]["projector"]
+    assert bn["corr_strength"] > 0.8 and bn["eff_rank"] < 5
+    assert zca["corr_strength"] < bn["corr_strength"] - 0.3
+    assert zca["eff_rank"] > 3 * bn["eff_rank"]
+
+
+def test_run_writes_its_files(findings, tmp_path):
+    results, log = findings["zca"]
+    assert [row["epoch"] for row in log] == list(range(7))
+    assert set(log[0]["collapse"]) == {"backbone", "projector", "normalized"}
+    assert log[0]["loss"] is None and log[1]["loss"] > 0 and log[-1]["images_per_s"] > 0
+    assert set(results["collapse"]) == {"backbone", "projector", "normalized"}
+    assert 0 <= results["knn_acc"] <= 100 and results["epochs"] == 6
+    assert results["knn_curve"][0][0] == 0 and results["knn_curve"][-1] == [6, results["knn_acc"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: bad input, interruption, resume
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,words", [
+    (["--decorr", "pca"], "invalid choice"),
+    (["--groups", "5"], "does not divide"),
+    (["--groups", "2"], "smaller than the batch"),
+    (["--batch-size", "1"], "at least 2"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/fdsl"], "no image folder"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--epochs", "0"], "at least 1"),
+])
+def test_bad_input_exits_2_with_one_line(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "fdsl.py"), "--groups", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("fdsl: error:") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+SHORT = ["--dataset", "synthetic", "--arch", "small", "--train-subset", "256", "--test-subset", "200",
+         "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4", "--batch-size", "32",
+         "--epochs", "3", "--eval-every", "1", "--metric-samples", "64", "--linear-epochs", "1", "--no-progress"]
+
+
+def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
+    straight = fdsl.main(SHORT + ["--out", str(tmp_path / "a")])
+
+    real, calls = fdsl.train_one_epoch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during epoch 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fdsl, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(SHORT + ["--out", str(tmp_path / "b")])
+    assert e.value.code == 130
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "b" / "results.json").exists()
+    monkeypatch.setattr(fdsl, "train_one_epoch", real)
+
+    resumed = fdsl.main(["--resume", str(tmp_path / "b")])
+    log = fdsl.read_log(tmp_path / "b" / "log.jsonl")
+    assert [row["epoch"] for row in log] == [0, 1, 2, 3]
+    # Every random stream is a function of (seed, epoch): the resumed run is the same run.
+    assert resumed["knn_acc"] == straight["knn_acc"]
+    assert resumed["linear_acc"] == straight["linear_acc"]
+    assert resumed["collapse"]["projector"]["std"] == pytest.approx(straight["collapse"]["projector"]["std"], rel=1e-6)
+    straight_log = fdsl.read_log(tmp_path / "a" / "log.jsonl")
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in straight_log], rel=1e-6)
+    with pytest.raises(SystemExit) as e:  # the run is there: a new run may not overwrite it
+        fdsl.main(SHORT + ["--out", str(tmp_path / "b")])
+    assert e.value.code == 2
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = fdsl.siamese_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 10 else loss  # 8 steps per epoch: NaN in epoch 2
+    monkeypatch.setattr(fdsl, "siamese_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(SHORT + ["--out", str(tmp_path / "nan")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert ("nan" in err or "non-finite" in err) and str(tmp_path / "nan" / "checkpoint.pt") in err and "(epoch 1)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (gloo on CPU): whitening over the global batch, torchrun end to end
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _whitening_worker(rank, world, port, x, target, groups, shuffle, out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same permutation on every process
+    layer = fdsl.GroupWhitening(x.shape[1], groups=groups, shuffle=shuffle)
+    xs = x[rank::world].clone().requires_grad_()
+    y = layer(xs)
+    (y * target[rank::world]).sum().backward()
+    torch.save({"y": y.detach(), "grad": xs.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("groups,shuffle", [(4, True), (1, False), (32, False)])
+def test_whitening_over_two_processes_equals_one_process(groups, shuffle, tmp_path):
+    import torch.multiprocessing as mp
+    x, target = correlated(64, 32, seed=1), torch.randn(64, 32, dtype=torch.float64)
+    mp.spawn(_whitening_worker, args=(2, free_port(), x, target, groups, shuffle, str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle)
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    (y * target).sum().backward()
+    for rank in range(2):
+        part = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(part["y"], y.detach()[rank::2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(part["grad"], xr.grad[rank::2], atol=1e-5, rtol=0)
+
+
+def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
+    out = tmp_path / "ddp"
+    args = ["--dataset", "synthetic", "--arch", "small", "--train-subset", "256", "--test-subset", "200",
+            "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4", "--batch-size", "32",
+            "--epochs", "1", "--eval-every", "1", "--metric-samples", "64", "--linear-epochs", "0",
+            "--no-progress", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", os.path.join(HERE, "fdsl.py"), *args],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("epoch       loss") == 1  # one table: the other process stays quiet
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "log.jsonl", "results.json"]
+    assert [row["epoch"] for row in fdsl.read_log(out / "log.jsonl")] == [0, 1]
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"] == "cpu x2"
+
+    # One process, from the saved checkpoint, computes the same k-NN accuracy.
+    cfg = fdsl.build_parser().parse_args(args)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    net = fdsl.build_model(cfg)
+    net.load_state_dict(state["model"])
+    data = fdsl.load_data(cfg)
+    mach = fdsl.Machine(torch.device("cpu"), None)
+    acc = fdsl.knn_accuracy(fdsl.encode(net.encoder, data.train_x, mach), data.train_y,
+                            fdsl.encode(net.encoder, data.test_x, mach), data.test_y)
+    assert acc == results["knn_acc"]
