@@ -11,6 +11,7 @@ Wang, Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
     python fdsl.py --dataset synthetic --arch small --epochs 2 --linear-epochs 0   # 1-minute CPU check
     torchrun --nproc_per_node=4 fdsl.py --decorr zca    # several GPUs, whitening over the global batch
     python fdsl.py --resume runs/cifar10-zca-20261124-101500     # continue an interrupted run
+    python fdsl.py --benchmark                   # where the time of a training step goes
 
 The story the file tells, section by section:
   1. Two augmented views of an image go through one network: encoder -> projector ->
@@ -137,6 +138,9 @@ def build_parser():
     g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
                    help="under torchrun on CUDA, keep each GPU's BatchNorm statistics local")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time the training step of this configuration and its parts, then exit (no data needed)")
+    g.add_argument("--benchmark-steps", type=int, default=50, help="timed steps per part in --benchmark")
     return p
 
 
@@ -146,7 +150,8 @@ def check_config(cfg, world=1):
         raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images")
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
-    for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k", "metric_samples"):
+    for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k", "metric_samples",
+                 "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("train_subset", "test_subset", "eval_every", "linear_epochs", "warmup_epochs"):
@@ -891,6 +896,21 @@ class Diverged(Exception):
     pass
 
 
+def train_step(model, opt, sched, scaler, x, aug_gen, cfg, mach):
+    """One SGD step on a uint8 batch x: two augmented views, the Siamese loss, backward, update.
+    Returns the loss as a device tensor (reading it would wait for the GPU)."""
+    v1 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
+    v2 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
+    with autocast(mach):
+        loss = siamese_loss(*model(v1, v2), kind=cfg.loss, stop_grad=cfg.stop_grad)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach()
+
+
 def train_one_epoch(model, opt, sched, scaler, train_x, cfg, mach, epoch):
     """One pass over this process's shard: two augmented views per image, the Siamese loss,
     one SGD step per batch. -> (mean loss, images/s, seconds)."""
@@ -908,20 +928,11 @@ def train_one_epoch(model, opt, sched, scaler, train_x, cfg, mach, epoch):
     t0 = time.perf_counter()
     for step in bar:
         x = train_x[order[step * local_batch:(step + 1) * local_batch]]
-        v1 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
-        v2 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
         try:
-            with autocast(mach):
-                loss = siamese_loss(*model(v1, v2), kind=cfg.loss, stop_grad=cfg.stop_grad)
+            loss_sum += train_step(model, opt, sched, scaler, x, aug_gen, cfg, mach)
         except torch.linalg.LinAlgError:  # NaN/inf features reach the whitening before the loss check
             raise Diverged(f"the whitening's eigendecomposition failed at epoch {epoch}, step {step + 1} "
                            f"(non-finite or degenerate features)") from None
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        loss_sum += loss.detach()
         if step % 25 == 24 or step == steps - 1:  # .item() waits for the GPU: only now and then
             mean = loss_sum.item() / (step + 1)
             if not math.isfinite(mean):
@@ -952,7 +963,94 @@ def evaluate(net, data, local, cfg, mach):
 
 
 # =============================================================================================
-# 10. Main: settings -> data -> model -> (resume) -> train, evaluate, checkpoint -> results
+# 10. Benchmark: where the time of a training step goes (--benchmark)
+# =============================================================================================
+
+
+def seconds_per_call(fn, mach, calls, warmup=3):
+    """Mean seconds per call of fn after `warmup` untimed calls. On CUDA the work is
+    asynchronous, so the timed calls are bracketed by events on the GPU's own clock."""
+    for _ in range(warmup):
+        fn()
+    if mach.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if mach.device.type == "mps":
+        torch.mps.synchronize()
+    return (time.perf_counter() - t0) / calls
+
+
+def benchmark(cfg, mach):
+    """Times the full training step of this configuration (augmentation, both views, the
+    normalization layer, loss, backward, SGD) against the bare encoder+projector forward and
+    backward on the same two views with the same precision, and each part on its own, on random
+    images (their content does not change the speed). Also the cost of a k-NN evaluation of
+    50,000 + 10,000 images, from the measured eval-forward speed and a timed k-NN search.
+    Prints a table; returns {part: seconds} and the throughputs."""
+    b, calls = cfg.batch_size, cfg.benchmark_steps
+    dev = mach.device
+    x = torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg).to(dev, memory_format=mem_format(mach))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-5, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(dev.type, enabled=mach.amp_dtype == torch.float16)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    views = [augment(x, gen).contiguous(memory_format=mem_format(mach)) for _ in range(2)]
+    proj_out = [torch.randn(b, cfg.proj_dim, device=dev, requires_grad=True) for _ in range(2)]
+    eval_x = torch.randint(0, 256, (1024, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
+    bank, queries = torch.randn(50000, net.feat_dim, device=dev), torch.randn(10000, net.feat_dim, device=dev)
+    bank_y, query_y = torch.randint(0, 10, (50000,), device=dev), torch.randint(0, 10, (10000,), device=dev)
+
+    def bare():
+        net.zero_grad(set_to_none=True)
+        with autocast(mach):
+            loss = sum(net.projector(net.encoder(v)).float().square().mean() for v in views)
+        loss.backward()
+
+    def normalization():
+        with full_precision(proj_out[0]):
+            sum(net.norm(y).square().mean() for y in proj_out).backward()
+
+    net.train()
+    t = {"full training step": seconds_per_call(lambda: train_step(net, opt, sched, scaler, x, gen, cfg, mach), mach, calls),
+         "bare encoder+projector": seconds_per_call(bare, mach, calls),
+         "augmentation (2 views)": seconds_per_call(lambda: [augment(x, gen) for _ in range(2)], mach, calls),
+         "normalization layer (2 views)": seconds_per_call(normalization, mach, calls),
+         "optimizer step": seconds_per_call(opt.step, mach, calls),  # gradients left by bare()
+         "eval forward (1024 images)": seconds_per_call(lambda: encode(net.encoder, eval_x, mach), mach, max(1, calls // 10), 1),
+         "k-NN search (10k x 50k)": seconds_per_call(lambda: knn_accuracy(bank, bank_y, queries, query_y), mach, 1, 1)}
+    knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
+    ratio = t["bare encoder+projector"] / t["full training step"]
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[mach.amp_dtype]
+    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
+                         if cfg.decorr == "zca" else "")
+    say(mach, f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, {name}, "
+              f"torch {torch.__version__}; mean of {calls} steps after 3 warm-up steps")
+    for part in list(t)[:5]:
+        say(mach, f"  {part:<32} {t[part] * 1e3:9.2f} ms {b / t[part]:10.0f} img/s")
+    parts = sum(t[p] for p in list(t)[1:5])
+    say(mach, f"  {'sum of the four parts':<32} {parts * 1e3:9.2f} ms   (the rest: loss, predictor, launch gaps)")
+    say(mach, f"  full step throughput = {ratio:.0%} of the bare model's")
+    say(mach, f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s "
+              f"(eval forward {1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
+    epoch = 50000 // b * t["full training step"]
+    say(mach, f"  a 50,000-image epoch at this speed: {epoch:.1f} s of training steps")
+    return {"seconds": t, "images_per_s": b / t["full training step"],
+            "bare_images_per_s": b / t["bare encoder+projector"], "step_vs_bare": ratio, "knn_pass_s": knn_pass}
+
+
+# =============================================================================================
+# 11. Main: settings -> data -> model -> (resume) -> train, evaluate, checkpoint -> results
 # =============================================================================================
 
 
@@ -998,7 +1096,11 @@ HEADER = f"{'epoch':>5} {'loss':>10} {'lr':>9} {'img/s':>8} {'knn %':>6} | {'pro
 
 def run(cfg, resuming):
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.benchmark and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--benchmark times one process; run it without torchrun")
     mach = setup_machine(cfg)
+    if cfg.benchmark:
+        return benchmark(cfg, mach)
     if mach.device.type == "cpu":
         say(mach, "note: running on the CPU: fine for --arch small and subsets, very slow for a full run")
     # Output folder: chosen by process 0, shared with the others.
