@@ -12,6 +12,7 @@ Wang, Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
     torchrun --nproc_per_node=4 fdsl.py --decorr zca    # several GPUs, whitening over the global batch
     python fdsl.py --resume runs/cifar10-zca-20261124-101500     # continue an interrupted run
     python fdsl.py --benchmark                   # where the time of a training step goes
+    python fdsl.py --plot runs/*                 # k-NN curves, effective rank, spectra -> plot.png
 
 The story the file tells, section by section:
   1. Two augmented views of an image go through one network: encoder -> projector ->
@@ -28,13 +29,15 @@ output, correlation strength, effective rank and eigenvalue spectrum, plus k-NN 
 accuracy of the backbone.
 
 Hardware and evidence. Developed and tested on a 2-core x86 CPU only: no GPU was available,
-so no GPU speed or accuracy is claimed here yet. On that CPU, real CIFAR-10 (JPEG copy), 5,000
-training images, --arch small, 10 epochs, about 150 s per run, k-NN accuracy on 2,000 test
-images (the random network scores 29.25%):
-    --decorr none 23.55%   bn 26.95%   zca --no-shuffle 38.40%   zca 41.35% (twice, identical)
-Commands and the collapse metrics of each run are in README.md. The test suite (42 tests,
-CPU) takes about 85 s, on torch 2.4.1 and 2.15 alike. The code runs on CUDA (bf16 autocast, channels_last, the dataset
-resident on the GPU as uint8), Apple MPS or CPU, and under torchrun (DDP).
+so no GPU speed or accuracy is claimed here yet. On that CPU (torch 2.14.1), real CIFAR-10
+(JPEG copy), 5,000 training images, --arch small, 10 epochs, about 150 s per run, one run
+each, k-NN / 5-epoch linear accuracy on 2,000 test images (the random network: 28.50% k-NN):
+    --decorr none 23.50 / 18.40   bn 27.30 / 23.10   zca --no-shuffle 39.70 / 41.00   zca 43.50 / 42.45
+Commands, collapse metrics and the eps study behind the default (a relative eps of 1e-5
+collapsed both zca runs to 24%) are in README.md; the runs' files are in results/. The test
+suite (79 tests, CPU) takes about 95 s, on torch 2.4.1 and 2.14.1 alike. The code runs on CUDA
+(bf16 autocast, channels_last, the dataset resident on the GPU as uint8), Apple MPS or CPU,
+and under torchrun (DDP).
 """
 
 import argparse
@@ -100,9 +103,15 @@ def build_parser():
     g.add_argument("--groups", type=int, default=16, help="zca: whiten in G groups of D/G axes (1 = full ZCA)")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                    help="zca: keep the groups fixed (grouped DBN) instead of reshuffling axes every call")
-    g.add_argument("--eps", type=float, default=1e-5, help="added to the batch covariance's eigenvalues (and to BN's variance)")
+    g.add_argument("--eps", type=float, default=1e-8,
+                   help="relative regularizer: eps x (mean variance of the group) is added to the covariance's "
+                        "eigenvalues (bn: to each variance), so shrinking the output cannot lower the loss. "
+                        "Keep it small: from 1e-5 up, the network learned to collapse below it (README)")
+    g.add_argument("--whiten", default="eigh", choices=["eigh", "newton"],
+                   help="how W = C^(-1/2) is computed: eigendecomposition (exact) or Newton-Schulz "
+                        "iterations (matrix products only: no host synchronization)")
     g.add_argument("--whiten-dtype", default="float64", choices=["float32", "float64"],
-                   help="precision of the covariance and its eigendecomposition")
+                   help="precision of the covariance and its whitening matrix")
     g.add_argument("--predictor", action="store_true", help="add a predictor MLP D -> pred-hidden -> D")
     g.add_argument("--pred-hidden", type=int, default=256, help="predictor hidden width")
     g.add_argument("--stop-grad", action="store_true", help="no gradient through the target branch (SimSiam)")
@@ -123,6 +132,9 @@ def build_parser():
     g.add_argument("--knn-t", type=float, default=0.1, help="k-NN temperature: neighbour weight exp(sim/t)")
     g.add_argument("--metric-samples", type=int, default=2048,
                    help="training images (fixed, not augmented) on which the projector-stage metrics are measured")
+    g.add_argument("--raw-eval", action="store_true",
+                   help="k-NN and linear-probe test on the raw images instead of the authors' "
+                        "Resize(size x 9/8, bicubic) + CenterCrop(size), i.e. 36 -> 32 px for CIFAR")
     g.add_argument("--linear-epochs", type=int, default=100,
                    help="linear evaluation on the frozen backbone at the end (paper: 100; 0 = skip). "
                         "Each epoch cost about a quarter of a training epoch in CPU runs (README)")
@@ -141,6 +153,9 @@ def build_parser():
     g.add_argument("--benchmark", action="store_true",
                    help="time the training step of this configuration and its parts, then exit (no data needed)")
     g.add_argument("--benchmark-steps", type=int, default=50, help="timed steps per part in --benchmark")
+    g.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
+                   help="draw k-NN curves, effective rank and eigenvalue spectra of finished or running "
+                        "runs into one PNG (--out, default plot.png), then exit; needs matplotlib")
     return p
 
 
@@ -159,6 +174,8 @@ def check_config(cfg, world=1):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.image_size < 8:
         raise UsageError("--image-size must be at least 8 pixels")
+    if cfg.eps < 0 or (cfg.whiten == "newton" and cfg.eps <= 0):
+        raise UsageError(f"--eps {cfg.eps}: must be >= 0, and > 0 with --whiten newton (its step count depends on it)")
     if cfg.decorr == "zca":
         if cfg.groups < 1 or cfg.proj_dim % cfg.groups:
             raise UsageError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
@@ -203,8 +220,10 @@ def setup_machine(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
+        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
+        # backward) and the metrics', which need full precision; the network's run in bf16.
+        torch.backends.cuda.matmul.allow_tf32 = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     prec = cfg.precision
@@ -448,14 +467,24 @@ def to_float(x):
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
+_MEAN_STD = {}  # device -> (mean, std) as 3 x 1 x 1 tensors
+
+
 def normalize(x):
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    # torchvision's normalize builds its mean/std tensors from Python lists at every call, a
+    # host-to-device copy per batch that a CUDA graph cannot hold: build them once per device.
+    if x.device not in _MEAN_STD:
+        _MEAN_STD[x.device] = tuple(torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _MEAN_STD[x.device]
+    return (x - mean) / std
 
 
-def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None):
+def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None, mode="bilinear"):
     """torchvision's RandomResizedCrop (same box sampling: 10 tries, then a centre crop) and a
     horizontal flip, for every image at once: each box becomes an affine map and one
-    grid_sample resamples the whole batch. x: N x C x H x W float -> same shape."""
+    grid_sample resamples the whole batch. mode: "bilinear" (SSL training, as the authors) or
+    "bicubic" (their linear-probe crop; clamped to [0, 1], as bicubic overshoots).
+    x: N x C x H x W float in [0, 1] -> same shape."""
     n, _, h, w = x.shape
     dev, tries = x.device, 10
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
@@ -483,7 +512,8 @@ def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0
     theta[:, 1, 1] = ch / h
     theta[:, 1, 2] = (2 * top + ch) / h - 1
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.clamp(0, 1) if mode == "bicubic" else out
 
 
 def _rgb_to_hsv(x):
@@ -549,6 +579,18 @@ def augment(x, generator=None):
     return normalize(x)
 
 
+def eval_transform(x, chunk=4096):
+    """The authors' evaluation view: Resize(size x 9/8, bicubic) then CenterCrop(size), i.e.
+    36 then 32 pixels for CIFAR, as their k-NN bank and queries and linear-probe test images
+    get (torchvision's antialiased bicubic, which follows PIL's). Applied once to the fixed
+    images, not per step. x: N x 3 x S x S uint8 -> N x 3 x S x S uint8."""
+    size = x.shape[-1]
+    big = round(size * 9 / 8)
+    resize = lambda t: TF.resize(t, [big, big], interpolation=torchvision.transforms.InterpolationMode.BICUBIC,
+                                 antialias=True)
+    return torch.cat([TF.center_crop(resize(t), [size, size]) for t in x.split(chunk)]) if len(x) else x
+
+
 # =============================================================================================
 # 5. Model: encoder -> projector -> normalization layer -> (predictor)
 # The normalization layer is the paper's subject. Everything downstream (k-NN, linear) uses
@@ -582,6 +624,103 @@ def projector_mlp(in_dim, hidden, out_dim):
                          nn.Linear(hidden, out_dim))
 
 
+class _InvSqrtEigh(torch.autograd.Function):
+    # A^(-1/2) by eigendecomposition, with the gradient in closed form instead of autograd
+    # through eigh. For A = U diag(l) U^T and W = U diag(l^-1/2) U^T (Daleckii-Krein):
+    #     dL/dA = U (K o U^T sym(dL/dW) U) U^T,   K_ij = (l_i^-1/2 - l_j^-1/2) / (l_i - l_j)
+    #                                                 = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(l).
+    # The second form has no 1/(l_i - l_j): repeated eigenvalues (duplicated axes, rank-deficient
+    # groups) give a finite gradient, where autograd through eigh's eigenvectors gives inf/NaN.
+    @staticmethod
+    def forward(ctx, a, floor):
+        evals, evecs = small_eigh(a)
+        # In exact arithmetic every eigenvalue is >= floor (= eps); rounding can push the
+        # smallest below it, or below 0 in float32. Clamping undoes only that rounding.
+        s = evals.clamp_min(floor).sqrt()
+        ctx.save_for_backward(evecs, s)
+        return (evecs / s.unsqueeze(-2)) @ evecs.mT
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, s = ctx.saved_tensors
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        k = -1.0 / (si * sj * (si + sj))
+        g = u.mT @ (0.5 * (grad + grad.mT)) @ u
+        return u @ (k * g) @ u.mT, None
+
+
+def newton_iterations(size, eps, tol=1e-15):
+    """How many coupled Newton-Schulz steps reach A^(-1/2) for every matrix the layer can meet.
+    The iteration acts on each eigenvalue of A / tr(A) alone: with p = y*z, p <- p (3 - p)^2 / 4,
+    and the relative error of z is (1 - p) / 2. After the relative eps, tr(A) = size (1 + eps)
+    and every eigenvalue is >= eps, so p starts at >= eps / (size (1 + eps)): run the scalar
+    recurrence from there until 1 - p < tol. A count fixed by (size, eps), never by the data
+    (32 for 32 axes at eps 1e-8, 35 for 256)."""
+    p, steps = eps / (size * (1 + eps)), 0
+    while 1 - p > tol:
+        p, steps = p * (3 - p) ** 2 / 4, steps + 1
+    return steps
+
+
+def inverse_sqrt_newton(a, steps):
+    """A^(-1/2) for a batch of symmetric positive definite G x S x S matrices by the coupled
+    Newton-Schulz iteration (Higham 2008, eq. 6.35), written with the residual R = (I - ZY) / 2:
+        Y_0 = A / tr(A),  Z_0 = I,   Y <- Y + Y R,   Z <- Z + R Z     (Y -> A^(1/2), Z -> A^(-1/2))
+    Only matrix products: no eigh, no .item(), no data-dependent branch, so it runs inside a
+    CUDA graph, and autograd differentiates through the steps. Y and Z are kept symmetric,
+    which halves the float32 rounding error. In float32 on CUDA it needs TF32 matmuls off
+    (10-bit mantissas): setup_machine() turns them off for the whole run, backward included."""
+    size = a.shape[-1]
+    eye = torch.eye(size, dtype=a.dtype, device=a.device)
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    y, z = a / trace, eye.expand_as(a)
+    for _ in range(steps):
+        r = 0.5 * (eye - z @ y)
+        yr, rz = y @ r, r @ z
+        y, z = y + 0.5 * (yr + yr.mT), z + 0.5 * (rz + rz.mT)
+    return z * trace.rsqrt()
+
+
+def whitening_eps(eps, size, dtype):
+    """The relative eps a group of `size` axes gets in `dtype`: at least size x machine epsilon."""
+    return max(eps, size * torch.finfo(dtype).eps)
+
+
+def whitening_matrix(cov, eps, method="eigh", steps=None):
+    """W = (C / m + eps I)^(-1/2) / sqrt(m) for a batch of covariances C (G x S x S), where
+    m = tr(C) / S is the group's mean variance (its mean eigenvalue).
+
+    Why eps is relative: with C + eps I (an absolute eps), a network can lower the loss by
+    shrinking the projector output, since the "whitened" output of a tiny input is just a
+    small copy of it; a batch-512 GPU run did exactly that, then its eigh failed. Relative to
+    m, W(c^2 C) = W(C) / c, so the whitened output of c x equals that of x for every c > 0.
+    Why eps is small (1e-8): any eps damps a direction whose eigenvalue l is near eps x m to
+    std sqrt(l / (l + eps m)) < 1, so a network can still lower the loss by collapsing its
+    output below eps, and at 1e-5 it did within 2 epochs (README). eps bounds each group's
+    condition number by S / eps, which keeps a rank-deficient group finite. A group whose
+    axes are all exactly constant (C = 0) has nothing to whiten: W = I, its output is 0.
+
+    eps cannot be smaller than the dtype resolves: rounding moves the eigenvalues of C / m
+    (largest <= S) by about S x machine epsilon, so a smaller eps would not keep them positive
+    (float32 Newton-Schulz turned NaN on rank-deficient groups). It is raised to that floor,
+    whitening_eps: 3.8e-6 for 32 axes in float32, 7e-15 in float64.
+
+    method: "eigh" (eigendecomposition, exact; the reference) or "newton" (Newton-Schulz,
+    `steps` iterations, default newton_iterations(S, eps); capturable in a CUDA graph)."""
+    size = cov.shape[-1]
+    eps = whitening_eps(eps, size, cov.dtype)
+    eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]  # G x 1 x 1
+    constant = m == 0
+    m = torch.where(constant, torch.ones_like(m), m)
+    a = torch.where(constant, eye, cov / m + eps * eye)  # mean eigenvalue 1 + eps, scale-free
+    if method == "eigh":
+        w = _InvSqrtEigh.apply(a, eps)
+    else:
+        w = inverse_sqrt_newton(a, newton_iterations(size, eps) if steps is None else steps)
+    return w * m.rsqrt()
+
+
 class GroupWhitening(nn.Module):
     """Shuffled group ZCA whitening over the batch (the paper's "Shuffled-DBN").
 
@@ -589,37 +728,48 @@ class GroupWhitening(nn.Module):
     correlated, so the output collapses onto a few directions. Whitening makes the batch
     covariance the identity, so no direction can be lost. Per group of S = D/G axes:
         xc = x - mean_batch(x)                  (N x S)
-        C  = xc^T xc / N + eps I                 (biased covariance)
-        C  = U diag(l) U^T                       (eigendecomposition)
-        y  = xc U diag(l^-1/2) U^T               (ZCA: the whitening closest to the input)
+        C  = xc^T xc / N                         (biased covariance), m = tr(C) / S
+        W  = (C / m + eps I)^(-1/2) / sqrt(m)    (ZCA: the whitening closest to the input)
+        y  = xc W
+    eps is relative to the group's mean variance m, so y(c x) = y(x) for every scale c: the
+    network cannot lower the loss by shrinking its output (see whitening_matrix). With eps = 0
+    this is exactly the authors' layer.
     Small groups keep C well conditioned at small batches (rank(xc) <= N-1, so S must be < N);
     shuffling the D axes into new groups at every call (a fresh random permutation, undone
     after whitening) decorrelates every pair of axes over training, not only pairs in a group.
     groups=1 is full ZCA whitening (DBN); shuffle=False is grouped DBN; groups=D is per-axis
-    standardization, which is what `--decorr bn` uses (the 1x1 "whitening" is 1/std).
+    standardization, y = xc / sqrt(var (1 + eps)), which is what `--decorr bn` uses.
+
+    method="eigh" computes W by eigendecomposition (exact, the reference; its gradient is the
+    closed form, finite for repeated eigenvalues); method="newton" by Newton-Schulz
+    iterations (matrix products only, nothing that waits for the host, so a CUDA graph can
+    hold it). Both compute the same W: in float64 they agree to 1e-8 or better (tests).
 
     Statistics always come from the batch (no running averages, as the authors' layer), in
-    `dtype` outside autocast: cuSOLVER has no half-precision eigh, and the eigenvector gradient
-    has 1/(l_i - l_j) terms that need the precision. Under torch.distributed, in training mode,
+    `dtype` outside autocast: cuSOLVER has no half-precision eigh, and the whitening of a
+    badly conditioned group needs the precision. Under torch.distributed, in training mode,
     mean and covariance are summed over all processes (differentiably), so each GPU whitens
-    with the global batch's statistics. The permutation comes from torch's global CPU RNG,
-    which the training loop seeds identically on every process.
+    with the global batch's statistics. The permutation comes from torch's global RNG on x's
+    device, which the training loop seeds identically on every process.
 
     x: N x D -> N x D, same dtype. The last permutation is kept in `last_perm` for inspection.
     """
 
-    def __init__(self, num_features, groups=16, shuffle=True, eps=1e-5, dtype=torch.float64):
+    def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
         super().__init__()
         if groups < 1 or num_features % groups:
             raise ValueError(f"groups={groups} must divide num_features={num_features}")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
-        self.num_features, self.groups, self.eps, self.dtype = num_features, groups, eps, dtype
+        if method not in ("eigh", "newton"):
+            raise ValueError(f"method must be 'eigh' or 'newton', not {method!r}")
+        if eps < 0 or (method == "newton" and eps <= 0):
+            raise ValueError("eps must be >= 0 (> 0 for newton, whose step count depends on it)")
+        self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
         self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
         self.last_perm = None
 
     def extra_repr(self):
-        return f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, dtype={self.dtype}"
+        return (f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, "
+                f"dtype={self.dtype}, method={self.method}")
 
     def forward(self, x):
         n, d = x.shape
@@ -631,23 +781,19 @@ class GroupWhitening(nn.Module):
         s = d // self.groups
         dtype = torch.float32 if x.device.type == "mps" else self.dtype  # MPS has no float64
         h = x.to(dtype)
-        perm = None
-        if self.shuffle:
-            perm = torch.randperm(d).to(x.device, non_blocking=True)
+        perm = torch.randperm(d, device=x.device) if self.shuffle else None  # drawn on the device: no copy
+        if perm is not None:
             h = h[:, perm]
         h = h.reshape(n, self.groups, s).transpose(0, 1)  # G x N x S
-        count = all_reduce_sum(torch.tensor(float(n), dtype=dtype, device=x.device)) if sync else n
+        count = all_reduce_sum(torch.full((), n, dtype=dtype, device=x.device)) if sync else n
         mean = all_reduce_sum(h.sum(1, keepdim=True)) / count
         hc = h - mean
-        if s == 1:  # per-axis standardization: C is the 1x1 variance
+        if s == 1:  # per-axis standardization: C is the 1x1 variance, W = 1/sqrt(var (1 + eps))
             var = all_reduce_sum((hc * hc).sum(1, keepdim=True)) / count
-            y = hc * (var + self.eps).rsqrt()
+            y = hc * torch.where(var > 0, var * (1 + self.eps), torch.ones_like(var)).rsqrt()
         else:
             cov = all_reduce_sum(hc.transpose(1, 2) @ hc) / count  # G x S x S
-            cov = cov + self.eps * torch.eye(s, dtype=dtype, device=x.device)
-            evals, evecs = small_eigh(cov)
-            w = (evecs * evals.rsqrt().unsqueeze(1)) @ evecs.transpose(1, 2)  # U diag(l^-1/2) U^T
-            y = hc @ w
+            y = hc @ whitening_matrix(cov, self.eps, self.method)
         y = y.transpose(0, 1).reshape(n, d)
         if perm is not None:
             y = y[:, torch.argsort(perm)]  # every axis back to its own place
@@ -655,7 +801,7 @@ class GroupWhitening(nn.Module):
         return y.to(x.dtype)
 
 
-def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-5, dtype=torch.float64):
+def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
     """The layer after the projector, by the paper's three cases:
     none -> identity (complete collapse); bn -> per-axis standardization over the batch, no
     affine (dimensional collapse); zca -> GroupWhitening (decorrelated, the paper's method)."""
@@ -663,7 +809,7 @@ def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-5, dtype=torc
         return nn.Identity()
     if kind == "bn":
         return GroupWhitening(dim, groups=dim, shuffle=False, eps=eps, dtype=dtype)
-    return GroupWhitening(dim, groups=groups, shuffle=shuffle, eps=eps, dtype=dtype)
+    return GroupWhitening(dim, groups=groups, shuffle=shuffle, eps=eps, dtype=dtype, method=method)
 
 
 def predictor_mlp(dim, hidden):
@@ -702,7 +848,7 @@ class SiameseNet(nn.Module):
 def build_model(cfg):
     encoder, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
     norm = normalization_layer(cfg.decorr, cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps,
-                               getattr(torch, cfg.whiten_dtype))
+                               getattr(torch, cfg.whiten_dtype), cfg.whiten)
     pred = predictor_mlp(cfg.proj_dim, cfg.pred_hidden) if cfg.predictor else None
     return SiameseNet(encoder, feat_dim, projector_mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim), norm, pred)
 
@@ -842,7 +988,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, t=0.
 def linear_accuracy(encoder, feat_dim, tr, te, num_classes, epochs, mach, seed, progress=True):
     """Linear probe: a Linear(512, classes) on the frozen eval-mode backbone, cross-entropy,
     SGD momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100);
-    training images get RandomResizedCrop(scale 0.08-1) + flip, test images none.
+    training images get RandomResizedCrop(scale 0.08-1, bicubic) + flip, as the authors; test
+    images come already in the evaluation view (eval_transform, unless --raw-eval).
     tr, te: (uint8 images of this process's shard, labels of the whole split). -> percent.
     The augmented features of each epoch are gathered from all processes, so every process
     trains the same classifier on the same data, exactly as one process would."""
@@ -858,7 +1005,7 @@ def linear_accuracy(encoder, feat_dim, tr, te, num_classes, epochs, mach, seed, 
         feats = []
         with torch.no_grad(), autocast(mach):
             for xb in tr[0].split(1024):
-                xb = normalize(random_resized_crop_flip(to_float(xb), scale=(0.08, 1.0), generator=gen))
+                xb = normalize(random_resized_crop_flip(to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"))
                 feats.append(encoder(xb.contiguous(memory_format=mem_format(mach))).float())
         feats = gather_shards(torch.cat(feats), n)
         labels = tr[1].to(mach.device)
@@ -959,6 +1106,11 @@ def evaluate(net, data, local, cfg, mach):
     acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_t)
     metrics = measure_collapse(net, local["metric_x"], test_f, cfg.batch_size // mach.world, mach,
                                local["metric_n"])
+    if cfg.decorr == "zca" and metrics["normalized"]["std"] < 0.9:
+        # A whitened axis has std sqrt(l / (l + eps m)) < 1 only where the group's eigenvalue l
+        # is down at eps x its mean: the network has found that eps lets it drop directions.
+        say(mach, f"warning: the whitened output is not white (per-axis std {metrics['normalized']['std']:.2f}, "
+                  f"should be 1): eps is damping directions the network collapsed; try a smaller --eps")
     return acc, metrics
 
 
@@ -1032,8 +1184,8 @@ def benchmark(cfg, mach):
     ratio = t["bare encoder+projector"] / t["full training step"]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[mach.amp_dtype]
-    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
-                         if cfg.decorr == "zca" else "")
+    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten}, "
+                         f"{cfg.whiten_dtype})" if cfg.decorr == "zca" else "")
     say(mach, f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, {name}, "
               f"torch {torch.__version__}; mean of {calls} steps after 3 warm-up steps")
     for part in list(t)[:5]:
@@ -1050,7 +1202,57 @@ def benchmark(cfg, mach):
 
 
 # =============================================================================================
-# 11. Main: settings -> data -> model -> (resume) -> train, evaluate, checkpoint -> results
+# 11. Plots (--plot): k-NN curves, effective rank and eigenvalue spectra of finished runs
+# =============================================================================================
+
+
+def plot_runs(run_dirs, path):
+    """Draws, from each run's log.jsonl (and results.json when the run finished), one colour
+    per run: k-NN accuracy over training; the effective rank of the projector output (solid)
+    and of the backbone (dashed) over training; their final covariance eigenvalue spectra,
+    normalized by the largest, on a log scale. Writes a PNG to `path` and returns it.
+    matplotlib is the one optional dependency, used only here."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which nothing else in fdsl uses: pip install matplotlib") from None
+    runs = []
+    for d in run_dirs:
+        rows = [r for r in read_log(os.path.join(d, "log.jsonl")) if "knn_acc" in r]
+        if not rows:
+            raise UsageError(f"--plot {d}: no evaluated epochs in {os.path.join(d, 'log.jsonl')}")
+        res_path = os.path.join(d, "results.json")
+        final = rows[-1]["collapse"]
+        if os.path.exists(res_path):
+            with open(res_path) as f:
+                final = json.load(f)["collapse"]
+        runs.append((os.path.basename(os.path.normpath(d)), rows, final))
+    fig, (ax_knn, ax_rank, ax_spec) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, (name, rows, final) in enumerate(runs):
+        epochs = [r["epoch"] for r in rows]
+        ax_knn.plot(epochs, [r["knn_acc"] for r in rows], "o-", ms=3, color=f"C{i}", label=name)
+        for stage, style in (("projector", "-"), ("backbone", "--")):
+            ax_rank.plot(epochs, [r["collapse"][stage]["eff_rank"] for r in rows], style, color=f"C{i}")
+            spectrum = [v for v in final[stage]["spectrum"] if v > 0]  # log scale: zeros have no place
+            ax_spec.semilogy(range(1, len(spectrum) + 1), spectrum, style, color=f"C{i}")
+    ax_knn.set(title="k-NN accuracy (backbone)", xlabel="epoch", ylabel="%")
+    ax_rank.set(title="effective rank: projector (solid), backbone (dashed)", xlabel="epoch")
+    ax_spec.set(title="final eigenvalue spectrum / largest", xlabel="index", ylim=(1e-8, 2))
+    ax_knn.legend(fontsize=8)
+    for ax in (ax_knn, ax_rank, ax_spec):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"fdsl: plot of {len(runs)} run(s) written to {path}")
+    return path
+
+
+# =============================================================================================
+# 12. Main: settings -> data -> model -> (resume) -> train, evaluate, checkpoint -> results
 # =============================================================================================
 
 
@@ -1098,6 +1300,8 @@ def run(cfg, resuming):
     check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.benchmark and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--benchmark times one process; run it without torchrun")
+    if cfg.plot:
+        return plot_runs(cfg.plot, cfg.out or "plot.png")
     mach = setup_machine(cfg)
     if cfg.benchmark:
         return benchmark(cfg, mach)
@@ -1120,9 +1324,13 @@ def run(cfg, resuming):
     # its device. Labels are tiny and stay whole on every process.
     n_metric = min(cfg.metric_samples, len(data.train_y)) // cfg.batch_size * cfg.batch_size or cfg.batch_size
     metric_idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:n_metric]
-    local = {"bank_x": data.train_x[r::w].to(mach.device), "test_x": data.test_x[r::w].to(mach.device),
-             "metric_x": data.train_x[metric_idx][r::w].to(mach.device), "metric_n": n_metric}
-    local["train_x"] = local["bank_x"][: len(data.train_y) // w]  # equal shards: every process takes the same steps
+    # train_all: training images as they are (SSL steps, linear-probe crops); bank_x, test_x:
+    # the evaluation view of the training and test images (k-NN, linear-probe test).
+    train, test = data.train_x[r::w], data.test_x[r::w]
+    local = {"train_all": train.to(mach.device), "metric_x": data.train_x[metric_idx][r::w].to(mach.device),
+             "metric_n": n_metric, "test_x": (test if cfg.raw_eval else eval_transform(test)).to(mach.device)}
+    local["bank_x"] = local["train_all"] if cfg.raw_eval else eval_transform(train).to(mach.device)
+    local["train_x"] = local["train_all"][: len(data.train_y) // w]  # equal shards: every process takes the same steps
 
     torch.manual_seed(cfg.seed)
     net = build_model(cfg).to(mach.device, memory_format=mem_format(mach))
@@ -1158,6 +1366,7 @@ def run(cfg, resuming):
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=2)
+        open(log_path, "w").close()  # a run that died before its first checkpoint left rows here
     say(mach, f"fdsl: {cfg.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), {cfg.arch}, "
               f"decorr={cfg.decorr}" + (f" groups={cfg.groups} shuffle={cfg.shuffle}" if cfg.decorr == "zca" else "")
               + f", batch {cfg.batch_size}, lr {peak_lr:.4g}, {cfg.epochs} epochs on {mach.device}"
@@ -1183,7 +1392,7 @@ def run(cfg, resuming):
             say(mach, f"{row['epoch']:5d} {loss} {lr} {ips} {knn} | {proj} | {row['time']:7.1f}")
 
     t_run = time.perf_counter() - elapsed
-    if start == 0:  # epoch 0: the random network, the baseline every curve starts from
+    if not resuming:  # epoch 0: the random network, the baseline every curve starts from
         acc, metrics = evaluate(net, data, local, cfg, mach)
         elapsed = time.perf_counter() - t_run
         log({"epoch": 0, "loss": None, "lr": None, "images_per_s": None, "time": elapsed, "knn_acc": acc, "collapse": metrics})
@@ -1194,7 +1403,7 @@ def run(cfg, resuming):
             loss, ips, _ = train_one_epoch(model, opt, sched, scaler, local["train_x"], cfg, mach, epoch)
         except Diverged as e:
             raise Diverged(f"{e}; the last good checkpoint is {ckpt_path} (epoch {epoch - 1}). "
-                           f"Try a lower --lr or a larger --eps") from None
+                           f"Try a lower --lr") from None
         row = {"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips}
         if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
             acc, metrics = evaluate(net, data, local, cfg, mach)
@@ -1214,7 +1423,7 @@ def run(cfg, resuming):
     if cfg.linear_epochs > 0:
         t0 = time.perf_counter()
         results["linear_acc"] = linear_accuracy(
-            net.encoder, net.feat_dim, (local["bank_x"], data.train_y), (local["test_x"], data.test_y),
+            net.encoder, net.feat_dim, (local["train_all"], data.train_y), (local["test_x"], data.test_y),
             len(data.classes), cfg.linear_epochs, mach, cfg.seed, cfg.progress)
         results["linear_time_s"] = time.perf_counter() - t0
         say(mach, f"linear probe ({cfg.linear_epochs} epochs): {results['linear_acc']:.2f}%")

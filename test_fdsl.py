@@ -87,11 +87,180 @@ def test_unpermute_puts_every_axis_back():
 
 def test_bn_is_batch_standardization_without_affine():
     x = correlated(128, 32).float()
-    layer = fdsl.normalization_layer("bn", 32, eps=1e-5)
-    ref = F.batch_norm(x, None, None, training=True, eps=1e-5)
-    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    ref = F.batch_norm(x, None, None, training=True, eps=1e-30)  # torch refuses 0; this is 0 here
+    torch.testing.assert_close(fdsl.normalization_layer("bn", 32, eps=0.0)(x), ref, atol=1e-5, rtol=1e-5)
+    # eps is relative to each axis's variance: (x - mean) / sqrt(var (1 + eps))
+    layer = fdsl.normalization_layer("bn", 32, eps=1e-2)
+    torch.testing.assert_close(layer(x), ref / math.sqrt(1 + 1e-2), atol=1e-5, rtol=1e-5)
     # Standardized, yet still correlated: exactly the dimensional-collapse loophole.
     assert fdsl.collapse_metrics(layer(x))["corr_strength"] > 0.5
+
+
+@pytest.mark.parametrize("kind,groups,method", [("zca", 4, "eigh"), ("zca", 4, "newton"), ("zca", 1, "newton"),
+                                                ("bn", None, "eigh")])
+def test_shrinking_the_input_cannot_change_the_output_or_the_loss(kind, groups, method):
+    x1, x2 = correlated(64, 32, seed=1), correlated(64, 32, seed=2)
+    layer = fdsl.normalization_layer(kind, 32, groups=groups, method=method)
+
+    def out(c):
+        torch.manual_seed(0)  # the same permutations for every scale
+        z1, z2 = layer(c * x1), layer(c * x2)
+        return z1, fdsl.siamese_loss(z1, z2, z1, z2)
+    ref, ref_loss = out(1.0)
+    for c in (1e-6, 1e-3, 1e3, 1e6):
+        z, loss = out(c)
+        torch.testing.assert_close(z, ref, atol=1e-9, rtol=1e-7)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
+    # An absolute eps (what the layer used to do, and what F.batch_norm does) is not invariant:
+    # a 1000x smaller input gives a visibly smaller output, the route to a lower loss.
+    small = F.batch_norm(1e-4 * x1, None, None, training=True, eps=1e-5)
+    assert (small.std(0) < 0.5).all()
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_constant_axes_give_zeros_and_finite_gradients(method):
+    x = correlated(64, 16).clone()
+    x[:, 3] = 2.0  # one constant axis in group 0 (axes 0-3)
+    x[:, 12:] = -1.0  # group 3 entirely constant
+    x.requires_grad_()
+    layer = fdsl.GroupWhitening(16, groups=4, shuffle=False, method=method)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert y[:, 3].abs().max() == 0 and y[:, 12:].abs().max() == 0  # nothing to whiten: 0
+    cov = block_covariances(y[:, :3], 1)[0]  # the rest of group 0 is still whitened
+    torch.testing.assert_close(cov, torch.eye(3, dtype=cov.dtype), atol=1e-3, rtol=0)
+    (y * torch.randn(64, 16, dtype=y.dtype)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    bn = fdsl.normalization_layer("bn", 16)(x.detach())
+    assert torch.isfinite(bn).all() and bn[:, 3].abs().max() == 0
+
+
+def spectrum_case(n, size, cond, rank=None, seed=0):
+    """n samples whose covariance has eigenvalues spread log-evenly over `cond` (condition
+    number), the last size - rank of them exactly 0; random orientation, mean and scale."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64)).Q
+    evals = torch.logspace(0, -math.log10(cond), size, dtype=torch.float64)
+    if rank:
+        evals[rank:] = 0
+    white = torch.randn(n, size, generator=g, dtype=torch.float64)
+    white = torch.linalg.qr(white - white.mean(0)).Q * math.sqrt(n)  # covariance exactly I
+    return (white * evals.sqrt()) @ q.T * 3.0 + 1.0
+
+
+def whiten_with_grad(x, method, dtype, eps=1e-8, seed=1):
+    """Output and input gradient of full-group whitening (one group of all axes) of x."""
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    layer = fdsl.GroupWhitening(x.shape[1], groups=1, shuffle=False, method=method, dtype=dtype, eps=eps)
+    xi = x.to(dtype).clone().requires_grad_()
+    y = layer(xi)
+    (y * target.to(dtype)).sum().backward()
+    return y.detach().double(), xi.grad.double()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# (group size, condition number, rank): full-rank and rank-deficient groups, 8 to 256 axes
+GRID = [(8, 1, None), (8, 1e5, None), (32, 1e3, None), (32, 1e5, None), (32, 1e5, 10),
+        (128, 1e5, 40), (256, 1e5, None), (256, 1e2, 100)]
+
+
+@pytest.mark.parametrize("size,cond,rank", GRID)
+def test_newton_equals_eigh_in_float64(size, cond, rank):
+    x = spectrum_case(max(2 * size, 64), size, cond, rank)
+    y_ref, g_ref = whiten_with_grad(x, "eigh", torch.float64)
+    y, g = whiten_with_grad(x, "newton", torch.float64)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(g, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("size,cond,rank", GRID)
+def test_newton_in_float32_against_eigh_in_float32(size, cond, rank):
+    # Both against the float64 reference at the eps float32 can honor (whitening_eps). At the
+    # default eps (raised to that floor): always finite, errors bounded.
+    x = spectrum_case(max(2 * size, 64), size, cond, rank)
+    y_ref, g_ref = whiten_with_grad(x, "eigh", torch.float64, eps=fdsl.whitening_eps(1e-8, size, torch.float32))
+    for method in ("eigh", "newton"):
+        y, g = whiten_with_grad(x, method, torch.float32)
+        assert torch.isfinite(y).all() and torch.isfinite(g).all()
+        assert rel_err(y, y_ref) < 1e-2 and rel_err(g, g_ref) < 5e-2
+    # At eps = 1e-5, measured (README): on full-rank groups newton is the more accurate of the
+    # two, outputs and gradients. On rank-deficient groups its outputs are as good along the
+    # data's own directions, but it leaks about 4e-3 (relative) into the directions where the
+    # data has no variance, where eigh leaks about 3e-4; their gradients are alike there.
+    eps = fdsl.whitening_eps(1e-5, size, torch.float32)
+    y_ref, g_ref = whiten_with_grad(x, "eigh", torch.float64, eps=eps)
+    y_e, g_e = whiten_with_grad(x, "eigh", torch.float32, eps=eps)
+    y_n, g_n = whiten_with_grad(x, "newton", torch.float32, eps=eps)
+    if rank is None:
+        assert rel_err(y_n, y_ref) <= rel_err(y_e, y_ref)
+        assert rel_err(g_n, g_ref) <= rel_err(g_e, g_ref)
+    else:
+        xc = x - x.mean(0)
+        evals, evecs = torch.linalg.eigh(xc.T @ xc)
+        data_dirs = evecs[:, size - rank:]  # the directions where the data varies
+        assert rel_err(y_n @ data_dirs, y_ref @ data_dirs) <= rel_err(y_e @ data_dirs, y_ref @ data_dirs)
+        assert rel_err(y_n, y_ref) < 1e-2
+        assert rel_err(g_n, g_ref) < 1.5 * rel_err(g_e, g_ref)
+
+
+def repeated_eigenvalue_cases():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    white = torch.linalg.qr(base - base.mean(0)).Q * 4  # covariance exactly I: one eigenvalue, 3 times
+    return {"white": white, "duplicated axes": torch.cat([base, base, base[:, :2]], 1)}  # rank 3 of 8
+
+
+@pytest.mark.parametrize("case", ["white", "duplicated axes"])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_repeated_eigenvalues_give_correct_gradients(case, method):
+    # Autograd through torch.linalg.eigh divides by l_i - l_j and gave inf/NaN gradients for
+    # the white case, in float32 and float64 (torch 2.14); the closed form and Newton do not.
+    # eps 1e-5: the rank-deficient case has derivatives of order (eps m)^(-1/2) off its span,
+    # and at the default 1e-8 the finite differences themselves are no longer accurate.
+    x = repeated_eigenvalue_cases()[case]
+    layer = fdsl.GroupWhitening(x.shape[1], groups=1, shuffle=False, method=method, eps=1e-5)
+    assert torch.autograd.gradcheck(layer, (x.clone().requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-4)
+    _, g64 = whiten_with_grad(x, method, torch.float64, eps=1e-5)
+    _, g32 = whiten_with_grad(x, method, torch.float32, eps=1e-5)
+    assert torch.isfinite(g32).all() and rel_err(g32, g64) < 1e-2
+
+
+def test_newton_needs_no_host_synchronization():
+    # torch.compile(fullgraph=True) refuses any graph break: an .item(), a data-dependent
+    # Python branch, an eigh. Tracing (backend "eager": nothing is compiled) stands in, on the
+    # CPU, for the promise a CUDA graph needs: the whole layer is device work only.
+    torch._dynamo.reset()
+    layer = fdsl.GroupWhitening(64, groups=4, shuffle=True, method="newton")
+    x = correlated(32, 64, dtype=torch.float32)
+    traced = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.manual_seed(0)
+    y = traced(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y, layer(x))
+    with pytest.raises(Exception):  # the same check does catch the eigendecomposition
+        torch._dynamo.reset()
+        torch.compile(fdsl.GroupWhitening(64, groups=4, method="eigh"), fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+
+
+def test_newton_steps_cover_the_worst_conditioned_group():
+    # The step count comes from the bound on the condition number that the relative eps
+    # gives (every eigenvalue >= eps); a group at that bound must have converged.
+    size, eps = 64, 1e-8
+    steps = fdsl.newton_iterations(size, eps)
+    evals = torch.full((size,), eps, dtype=torch.float64)
+    evals[0] = size  # one direction holds all the variance: the largest spread possible
+    q = torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)).Q
+    a = (q * evals) @ q.T
+    exact = (q * evals.rsqrt()) @ q.T
+    w = lambda k: fdsl.inverse_sqrt_newton(a[None], k)[0]
+    assert rel_err(w(steps), w(steps + 10)) < 1e-10  # converged: more steps change nothing
+    # ...to the right matrix, as far as its condition number (6e9) lets any method: eigh on the
+    # same rounded matrix is 1.8e-7 from `exact` too.
+    assert rel_err(w(steps), exact) < 1e-6
+    assert rel_err(w(steps - 8), exact) > 1e-3  # fewer is not enough
 
 
 def test_whitening_gradients_are_finite():
@@ -111,6 +280,10 @@ def test_whitening_rejects_bad_configurations():
         fdsl.GroupWhitening(64, groups=0)
     with pytest.raises(ValueError):
         fdsl.GroupWhitening(64, groups=4)(torch.randn(32, 48))
+    with pytest.raises(ValueError):
+        fdsl.GroupWhitening(64, groups=4, method="svd")
+    with pytest.raises(ValueError):  # its step count is set by eps
+        fdsl.GroupWhitening(64, groups=4, method="newton", eps=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,11 +327,27 @@ def test_augment_reproduces_with_a_seed():
     assert (a - c).abs().max() > 0.1
 
 
-def test_crop_of_the_whole_image_is_exact_and_flip_is_a_mirror():
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_crop_of_the_whole_image_is_exact_and_flip_is_a_mirror(mode):
     x = fdsl.to_float(images(4))
-    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    whole = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), mode=mode)
     torch.testing.assert_close(fdsl.random_resized_crop_flip(x, flip_p=0.0, **whole), x, atol=1e-5, rtol=0)
     torch.testing.assert_close(fdsl.random_resized_crop_flip(x, flip_p=1.0, **whole), x.flip(-1), atol=1e-5, rtol=0)
+    crops = fdsl.random_resized_crop_flip(x, scale=(0.08, 1.0), mode=mode, generator=torch.Generator().manual_seed(0))
+    assert crops.min() >= 0 and crops.max() <= 1  # bicubic overshoots; the probe's crop is clamped
+
+
+def test_eval_transform_is_the_authors_resize_and_centre_crop():
+    # The authors evaluate on PIL images after Resize(36, bicubic) and CenterCrop(32).
+    from PIL import Image
+    import torchvision.transforms as T
+    x = images(16)
+    pil = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32)])
+    ref = torch.stack([TF.pil_to_tensor(pil(Image.fromarray(im.permute(1, 2, 0).numpy()))) for im in x])
+    ours = fdsl.eval_transform(x)
+    assert ours.dtype == torch.uint8 and ours.shape == x.shape
+    assert (ours.int() - ref.int()).abs().max() <= 1  # PIL's rounding, at most one grey level
+    assert (ours.int() - x.int()).abs().float().mean() > 5  # and it is not the raw image
 
 
 def test_hue_shift_matches_torchvision():
@@ -300,9 +489,13 @@ def run_tiny(tmp_path, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def findings(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("findings")
-    return {d: run_tiny(tmp, d, "--decorr", d) for d in ("none", "bn", "zca")}
+def findings_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("findings")
+
+
+@pytest.fixture(scope="module")
+def findings(findings_dir):
+    return {d: run_tiny(findings_dir, d, "--decorr", d) for d in ("none", "bn", "zca")}
 
 
 def test_no_normalization_collapses_completely(findings):
@@ -350,6 +543,7 @@ def test_run_writes_its_files(findings, tmp_path):
     (["--dataset", "folder", "--data-dir", "/nonexistent/fdsl"], "no image folder"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
     (["--epochs", "0"], "at least 1"),
+    (["--whiten", "newton", "--eps", "0"], "> 0 with --whiten newton"),
 ])
 def test_bad_input_exits_2_with_one_line(args, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -405,6 +599,33 @@ def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
     assert e.value.code == 2
 
 
+def test_resume_right_after_the_epoch_0_checkpoint_logs_every_epoch_once(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):  # Ctrl-C in the first training epoch
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fdsl, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit):
+        fdsl.main(SHORT + ["--linear-epochs", "0", "--out", str(tmp_path / "r")])
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    monkeypatch.undo()
+    fdsl.main(["--resume", str(tmp_path / "r")])
+    assert [row["epoch"] for row in fdsl.read_log(tmp_path / "r" / "log.jsonl")] == [0, 1, 2, 3]
+
+
+def test_a_whitened_output_that_is_not_white_is_reported(tmp_path, monkeypatch, capsys):
+    # How a too-large eps shows itself: the network collapses below it and the layer damps
+    # those directions (README, "Why eps is small"). Simulated here by the metric itself.
+    real = fdsl.measure_collapse
+
+    def damped(*args, **kwargs):
+        m = real(*args, **kwargs)
+        m["normalized"]["std"] = 0.25
+        return m
+    monkeypatch.setattr(fdsl, "measure_collapse", damped)
+    fdsl.main(SHORT + ["--epochs", "1", "--linear-epochs", "0", "--out", str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    assert "not white" in out and "smaller --eps" in out
+
+
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real, calls = fdsl.siamese_loss, []
 
@@ -430,14 +651,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _whitening_worker(rank, world, x, target, groups, shuffle, out_dir):
+def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
     # A file store has no server process: with tcp://, rank 0 hosts the store, and a rank that
     # exits first can leave the other waiting in destroy_process_group (seen on torch 2.4).
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same permutation on every process
-    layer = fdsl.GroupWhitening(x.shape[1], groups=groups, shuffle=shuffle)
+    layer = fdsl.GroupWhitening(x.shape[1], groups=groups, shuffle=shuffle, method=method)
     xs = x[rank::world].clone().requires_grad_()
     y = layer(xs)
     (y * target[rank::world]).sum().backward()
@@ -448,13 +669,14 @@ def _whitening_worker(rank, world, x, target, groups, shuffle, out_dir):
     os._exit(0)
 
 
-@pytest.mark.parametrize("groups,shuffle", [(4, True), (1, False), (32, False)])
-def test_whitening_over_two_processes_equals_one_process(groups, shuffle, tmp_path):
+@pytest.mark.parametrize("groups,shuffle,method", [(4, True, "eigh"), (1, False, "eigh"), (32, False, "eigh"),
+                                                   (4, True, "newton")])
+def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method, tmp_path):
     import torch.multiprocessing as mp
     x, target = correlated(64, 32, seed=1), torch.randn(64, 32, dtype=torch.float64)
-    mp.spawn(_whitening_worker, args=(2, x, target, groups, shuffle, str(tmp_path)), nprocs=2)
+    mp.spawn(_whitening_worker, args=(2, x, target, groups, shuffle, method, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
-    layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle)
+    layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle, method=method)
     xr = x.clone().requires_grad_()
     y = layer(xr)
     (y * target).sum().backward()
@@ -488,8 +710,9 @@ def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
     net.load_state_dict(state["model"])
     data = fdsl.load_data(cfg)
     mach = fdsl.Machine(torch.device("cpu"), None)
-    acc = fdsl.knn_accuracy(fdsl.encode(net.encoder, data.train_x, mach), data.train_y,
-                            fdsl.encode(net.encoder, data.test_x, mach), data.test_y)
+    view = fdsl.eval_transform  # the authors' Resize + CenterCrop, as the run evaluated
+    acc = fdsl.knn_accuracy(fdsl.encode(net.encoder, view(data.train_x), mach), data.train_y,
+                            fdsl.encode(net.encoder, view(data.test_x), mach), data.test_y)
     assert acc == results["knn_acc"]
 
 
@@ -510,3 +733,43 @@ def test_benchmark_times_every_part_and_writes_nothing(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "full step throughput" in out and "50,000 + 10,000 images" in out
     assert os.listdir(tmp_path) == []  # no run folder, no data download
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (--plot); matplotlib is optional
+# ---------------------------------------------------------------------------------------------
+
+def test_plot_draws_every_run(findings, findings_dir, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (pip install matplotlib); --plot needs it")
+    dirs = [str(findings_dir / d) for d in findings]
+    out = tmp_path / "fig.png"
+    assert fdsl.main(["--plot", *dirs, "--out", str(out)]) == str(out)
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size[0] > 1000 and im.size[1] > 300
+        pixels = im.convert("RGB").resize((400, 100)).tobytes()
+    colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3) if max(pixels[i:i + 3]) - min(pixels[i:i + 3]) > 100}
+    assert len(colours) > 20  # saturated pixels: the runs' coloured curves, not an empty frame
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(["--plot", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install matplotlib" in err and "\n" not in err
+
+
+def test_plot_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(["--plot", str(tmp_path)])
+    assert e.value.code == 2 and "no evaluated epochs" in capsys.readouterr().err
