@@ -174,8 +174,8 @@ def check_config(cfg, world=1):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.image_size < 8:
         raise UsageError("--image-size must be at least 8 pixels")
-    if cfg.eps < 0 or (cfg.whiten == "newton" and cfg.eps <= 0):
-        raise UsageError(f"--eps {cfg.eps}: must be >= 0, and > 0 with --whiten newton (its step count depends on it)")
+    if cfg.eps < 0:
+        raise UsageError(f"--eps {cfg.eps} must not be negative")
     if cfg.decorr == "zca":
         if cfg.groups < 1 or cfg.proj_dim % cfg.groups:
             raise UsageError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
@@ -733,7 +733,7 @@ class GroupWhitening(nn.Module):
         y  = xc W
     eps is relative to the group's mean variance m, so y(c x) = y(x) for every scale c: the
     network cannot lower the loss by shrinking its output (see whitening_matrix). With eps = 0
-    this is exactly the authors' layer.
+    this is the authors' layer (but for the dtype's floor on eps: 7e-15 in float64).
     Small groups keep C well conditioned at small batches (rank(xc) <= N-1, so S must be < N);
     shuffling the D axes into new groups at every call (a fresh random permutation, undone
     after whitening) decorrelates every pair of axes over training, not only pairs in a group.
@@ -761,8 +761,8 @@ class GroupWhitening(nn.Module):
             raise ValueError(f"groups={groups} must divide num_features={num_features}")
         if method not in ("eigh", "newton"):
             raise ValueError(f"method must be 'eigh' or 'newton', not {method!r}")
-        if eps < 0 or (method == "newton" and eps <= 0):
-            raise ValueError("eps must be >= 0 (> 0 for newton, whose step count depends on it)")
+        if eps < 0:
+            raise ValueError("eps must be >= 0")
         self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
         self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
         self.last_perm = None
