@@ -1,43 +1,38 @@
 """
-fdsl.py: "On Feature Decorrelation in Self-Supervised Learning" (Hua, Wang, Xue, Ren,
-Wang, Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
+fdsl.py: "On Feature Decorrelation in Self-Supervised Learning" (Hua, Wang, Xue, Ren, Wang,
+Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
 
-    python fdsl.py --decorr zca                  # the paper's method (Shuffled-DBN), CIFAR-10, 200 epochs
-    python fdsl.py --decorr bn                   # per-axis standardization: dimensional collapse
-    python fdsl.py --decorr none                 # no normalization: complete collapse
-    python fdsl.py --decorr zca --groups 1 --batch-size 1024    # full ZCA (DBN): a 512-axis group needs N > 512
-    python fdsl.py --decorr zca --no-shuffle     # grouped DBN without shuffling
-    python fdsl.py --dataset folder --data-dir ~/cifar10-jpeg       # train/ and test/ image folders
-    python fdsl.py --dataset synthetic --arch small --epochs 2 --linear-epochs 0   # 1-minute CPU check
+    python fdsl.py --decorr zca               # the paper's method (Shuffled-DBN): CIFAR-10, 200 epochs
+    python fdsl.py --decorr bn                # per-axis standardization: dimensional collapse
+    python fdsl.py --decorr none              # no normalization: complete collapse
+    python fdsl.py --decorr zca --no-shuffle  # grouped DBN: fixed groups
+    python fdsl.py --dataset folder --data-dir ~/cifar10-jpeg      # DIR/train and DIR/test image folders
+    python fdsl.py --dataset synthetic --arch small --epochs 3 --linear-epochs 0   # 1-minute CPU check
     torchrun --nproc_per_node=4 fdsl.py --decorr zca    # several GPUs, whitening over the global batch
-    python fdsl.py --resume runs/cifar10-zca-20261124-101500     # continue an interrupted run
-    python fdsl.py --benchmark                   # where the time of a training step goes
-    python fdsl.py --plot runs/*                 # k-NN curves, effective rank, spectra -> plot.png
+    python fdsl.py --resume runs/cifar10-zca-20261124-101500    # continue an interrupted run
+    python fdsl.py --benchmark                # time the training step: eager, as a CUDA graph, bare model
+    python fdsl.py --plot runs/*              # figure and Markdown table of several runs
 
-The story the file tells, section by section:
+The story the file tells:
   1. Two augmented views of an image go through one network: encoder -> projector ->
      normalization layer -> (optional predictor), and the loss pulls the two outputs together.
-  2. With no normalization the cheapest way to pull them together is to map every image to
-     the same point: *complete collapse* (the per-axis std of the output falls to 0).
+  2. With no normalization the cheapest way to do that is to map every image to one point:
+     *complete collapse* (the per-axis std of the output falls to 0).
   3. Standardizing each axis over the batch (BN without affine) forbids that, but the axes can
-     still all move together: the outputs become strongly correlated and live in a few
-     directions, *dimensional collapse* (correlation strength near 1, effective rank near 1).
+     still all move together: the output lives in a few directions, *dimensional collapse*
+     (correlation strength near 1, effective rank near 1).
   4. Whitening the projector output over the batch (ZCA, in shuffled groups) makes the axes
-     uncorrelated by construction, which removes the dimensional collapse and improves accuracy.
-Sections 7-8 measure exactly these things while training: std, std of the l2-normalized
-output, correlation strength, effective rank and eigenvalue spectrum, plus k-NN and linear
-accuracy of the backbone.
+     uncorrelated by construction: no dimensional collapse, and better accuracy.
 
-Hardware and evidence. Developed and tested on a 2-core x86 CPU only: no GPU was available,
-so no GPU speed or accuracy is claimed here yet. On that CPU (torch 2.14.1), real CIFAR-10
-(JPEG copy), 5,000 training images, --arch small, 10 epochs, about 150 s per run, one run
-each, k-NN / 5-epoch linear accuracy on 2,000 test images (the random network: 28.50% k-NN):
-    --decorr none 23.50 / 18.40   bn 27.30 / 23.10   zca --no-shuffle 39.70 / 41.00   zca 43.50 / 42.45
-Commands, collapse metrics and the eps study behind the default (a relative eps of 1e-5
-collapsed both zca runs to 24%) are in README.md; the runs' files are in results/. The test
-suite (79 tests, CPU) takes about 95 s, on torch 2.4.1 and 2.14.1 alike. The code runs on CUDA
-(bf16 autocast, channels_last, the dataset resident on the GPU as uint8), Apple MPS or CPU,
-and under torchrun (DDP).
+Layout. Part one is the method, in the paper's order, to read top to bottom: 1 settings,
+2 data, 3 augmentations, 4 the paper's layer (GroupWhitening), 5 model, 6 loss, 7 collapse
+metrics, 8 evaluation, 9 training, 10 main. Four appendices follow, each skippable:
+A numerics of C^(-1/2), B several GPUs, C the fast path (the training step as one CUDA graph),
+D tools (--benchmark, --plot). Comments that start with `##` teach the method; plain `#`
+comments are notes for whoever maintains the code.
+
+Evidence (README.md has the commands, the tables and the runs' files):
+EVIDENCE_PLACEHOLDER
 """
 
 import argparse
@@ -47,6 +42,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,23 +56,29 @@ from tqdm import tqdm
 
 # =============================================================================================
 # 1. Settings
-# Every default is the authors' main CIFAR-10 recipe (ResNet-18, batch 64, 16 groups of 32,
-# SGD lr 0.02 x batch/256, 200 epochs) unless its help says otherwise.
+## The defaults are the authors' main CIFAR-10 recipe: ResNet-18, batch 64, 16 groups of 32
+## axes, SGD with lr 0.02 x batch/256, 200 epochs. README.md explains each flag at length.
 # =============================================================================================
 
 
 class UsageError(Exception):
-    """Bad input (a flag, a folder, a dataset). main() prints it on one line and exits 2."""
+    """Bad input (a flag, a folder, a file). main() prints it on one line and exits 2."""
 
 
 class ArgParser(argparse.ArgumentParser):
-    # argparse prints the whole usage block before an error; one line is easier to read.
+    # argparse prints its whole usage block before an error; one line is easier to read.
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    # Adds "(default: X)" to a flag's help unless the help says the default in words, as it
+    # must for on/off switches: "--no-shuffle (default: True)" reads as "shuffle is off".
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", True, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser():
@@ -84,78 +86,70 @@ def build_parser():
                   description="Self-supervised learning with feature decorrelation "
                               "(Hua et al., ICCV 2021) on CIFAR-10/100 or an image folder.",
                   epilog="Examples are at the top of fdsl.py and in README.md.")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"],
-                   help="cifar10/100 through torchvision; folder = DIR/train and DIR/test (or val) "
-                        "with one sub-folder per class; synthetic = generated shapes, works offline")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR is (or is downloaded to), or the image folder")
-    g.add_argument("--image-size", type=int, default=32, help="folder/synthetic images are made this size (pixels)")
-    g.add_argument("--train-subset", type=int, default=0, help="train on N images, class-balanced (0 = all)")
-    g.add_argument("--test-subset", type=int, default=0, help="evaluate on N test images, class-balanced (0 = all)")
+    arg = p.add_argument_group("data").add_argument
+    arg("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"],
+        help="folder = DIR/train and DIR/test, one sub-folder per class; synthetic = generated, offline")
+    arg("--data-dir", default="./data", help="where CIFAR is (or is downloaded to), or the image folder")
+    arg("--image-size", type=int, default=32, help="folder and synthetic images are made this size (pixels)")
+    arg("--train-subset", type=int, default=0, help="train on N class-balanced images (default: 0, all)")
+    arg("--test-subset", type=int, default=0, help="evaluate on N class-balanced images (default: 0, all)")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=["resnet18", "small"],
-                   help="resnet18 = CIFAR ResNet-18 (512-d); small = 4 conv layers (256-d), for CPU runs")
-    g.add_argument("--proj-hidden", type=int, default=1024, help="projector hidden width")
-    g.add_argument("--proj-dim", type=int, default=512, help="projector output width D")
-    g.add_argument("--decorr", default="zca", choices=["none", "bn", "zca"],
-                   help="normalization layer after the projector: none, per-axis standardization, ZCA whitening")
-    g.add_argument("--groups", type=int, default=16, help="zca: whiten in G groups of D/G axes (1 = full ZCA)")
-    g.add_argument("--no-shuffle", dest="shuffle", action="store_false",
-                   help="zca: keep the groups fixed (grouped DBN) instead of reshuffling axes every call")
-    g.add_argument("--eps", type=float, default=1e-8,
-                   help="relative regularizer: eps x (mean variance of the group) is added to the covariance's "
-                        "eigenvalues (bn: to each variance), so shrinking the output cannot lower the loss. "
-                        "Keep it small: from 1e-5 up, the network learned to collapse below it (README)")
-    g.add_argument("--whiten", default="eigh", choices=["eigh", "newton"],
-                   help="how W = C^(-1/2) is computed: eigendecomposition (exact) or Newton-Schulz "
-                        "iterations (matrix products only: no host synchronization)")
-    g.add_argument("--whiten-dtype", default="float64", choices=["float32", "float64"],
-                   help="precision of the covariance and its whitening matrix")
-    g.add_argument("--predictor", action="store_true", help="add a predictor MLP D -> pred-hidden -> D")
-    g.add_argument("--pred-hidden", type=int, default=256, help="predictor hidden width")
-    g.add_argument("--stop-grad", action="store_true", help="no gradient through the target branch (SimSiam)")
-    g.add_argument("--loss", default="l2", choices=["l2", "cosine"],
-                   help="l2 = mean squared distance ||p - z||^2 (the paper); cosine = negative cosine (SimSiam)")
+    arg = p.add_argument_group("model").add_argument
+    arg("--arch", default="resnet18", choices=["resnet18", "small"],
+        help="resnet18 = CIFAR ResNet-18 (512-d); small = 4 conv layers (256-d), for CPUs")
+    arg("--proj-hidden", type=int, default=1024, help="projector hidden width")
+    arg("--proj-dim", type=int, default=512, help="projector output width D")
+    arg("--decorr", default="zca", choices=["none", "bn", "zca"],
+        help="layer after the projector: nothing, per-axis standardization, or ZCA whitening")
+    arg("--groups", type=int, default=16, help="zca: whiten G groups of D/G axes (1 = full ZCA)")
+    arg("--no-shuffle", dest="shuffle", action="store_false",
+        help="zca: fixed groups (grouped DBN); default: axes reshuffled into new groups every step")
+    arg("--eps", type=float, default=1e-8, help="whitening regularizer, relative to each group's mean variance")
+    arg("--whiten", default="auto", choices=["auto", "eigh", "newton"],
+        help="how W = C^(-1/2) is computed; default auto: newton in the CUDA-graph step, else eigh")
+    arg("--whiten-dtype", default="float64", choices=["float32", "float64"],
+        help="precision of the covariance and of W")
+    arg("--predictor", action="store_true", help="add a predictor MLP D -> pred-hidden -> D (default: none)")
+    arg("--pred-hidden", type=int, default=256, help="predictor hidden width")
+    arg("--stop-grad", action="store_true",
+        help="no gradient through the target branch, as SimSiam (default: gradients through both)")
+    arg("--loss", default="l2", choices=["l2", "cosine"],
+        help="l2 = mean ||p - z||^2 (the paper); cosine = negative cosine (SimSiam)")
 
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=64, help="global batch (split across GPUs under torchrun)")
-    g.add_argument("--lr", type=float, default=0.02, help="learning rate per 256 images: lr = LR x batch/256")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-3)
-    g.add_argument("--warmup-epochs", type=float, default=5, help="linear warmup from 0, then cosine to 0, per step")
+    arg = p.add_argument_group("optimization").add_argument
+    arg("--epochs", type=int, default=200, help="training epochs")
+    arg("--batch-size", type=int, default=64, help="global batch (split over the GPUs under torchrun)")
+    arg("--lr", type=float, default=0.02, help="learning rate per 256 images: lr x batch/256 is used")
+    arg("--momentum", type=float, default=0.9, help="SGD momentum")
+    arg("--weight-decay", type=float, default=1e-3, help="SGD weight decay")
+    arg("--warmup-epochs", type=float, default=5, help="linear warm-up from 0, then cosine to 0, per step")
 
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=5, help="k-NN and collapse metrics every N epochs (0 = start and end only)")
-    g.add_argument("--knn-k", type=int, default=200)
-    g.add_argument("--knn-t", type=float, default=0.1, help="k-NN temperature: neighbour weight exp(sim/t)")
-    g.add_argument("--metric-samples", type=int, default=2048,
-                   help="training images (fixed, not augmented) on which the projector-stage metrics are measured")
-    g.add_argument("--raw-eval", action="store_true",
-                   help="k-NN and linear-probe test on the raw images instead of the authors' "
-                        "Resize(size x 9/8, bicubic) + CenterCrop(size), i.e. 36 -> 32 px for CIFAR")
-    g.add_argument("--linear-epochs", type=int, default=100,
-                   help="linear evaluation on the frozen backbone at the end (paper: 100; 0 = skip). "
-                        "Each epoch cost about a quarter of a training epoch in CPU runs (README)")
+    arg = p.add_argument_group("evaluation").add_argument
+    arg("--eval-every", type=int, default=5, help="k-NN and collapse metrics every N epochs (0 = first and last)")
+    arg("--knn-k", type=int, default=200, help="neighbours that vote in the k-NN monitor")
+    arg("--knn-t", type=float, default=0.1, help="k-NN temperature: a neighbour's vote is exp(sim/t)")
+    arg("--metric-samples", type=int, default=2048, help="fixed training images for the projector metrics")
+    arg("--raw-eval", action="store_true",
+        help="evaluate on the raw images; default: Resize(size x 9/8, bicubic) + CenterCrop, as the authors")
+    arg("--linear-epochs", type=int, default=100, help="linear-probe epochs at the end (0 = no probe)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="", help="output folder (default runs/<dataset>-<decorr>-<time>)")
-    g.add_argument("--resume", default="", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision of the network (auto = bf16 on CUDA, else fp32); "
-                        "the normalization layer and metrics always run in float32/64")
-    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
-                   help="under torchrun on CUDA, keep each GPU's BatchNorm statistics local")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time the training step of this configuration and its parts, then exit (no data needed)")
-    g.add_argument("--benchmark-steps", type=int, default=50, help="timed steps per part in --benchmark")
-    g.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR",
-                   help="draw k-NN curves, effective rank and eigenvalue spectra of finished or running "
-                        "runs into one PNG (--out, default plot.png), then exit; needs matplotlib")
+    arg = p.add_argument_group("run").add_argument
+    arg("--out", default="", help="output folder; default: runs/<dataset>-<decorr>-<date>-<time> "
+                                  "(with --plot: the figure, default comparison.png beside the runs)")
+    arg("--resume", default="", metavar="DIR", help="continue the run in DIR (default: start a new run)")
+    arg("--seed", type=int, default=0, help="seed of every random stream")
+    arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto = CUDA, else MPS, else CPU")
+    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast precision of the network; default auto: bf16 on CUDA, else fp32")
+    arg("--no-graph", dest="graph", action="store_false",
+        help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
+    arg("--no-sync-bn", dest="sync_bn", action="store_false",
+        help="under torchrun, BatchNorm statistics per GPU; default: synchronized over GPUs")
+    arg("--no-progress", dest="progress", action="store_false", help="no progress bars (default: shown)")
+    arg("--benchmark", action="store_true", help="time the training step instead of training (default: off)")
+    arg("--benchmark-steps", type=int, default=50, help="timed steps per row of --benchmark")
+    arg("--plot", nargs="+", default=None, metavar="RUN_DIR",
+        help="draw these runs and write their table, then exit (default: off; needs matplotlib)")
     return p
 
 
@@ -165,8 +159,8 @@ def check_config(cfg, world=1):
         raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images")
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
-    for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k", "metric_samples",
-                 "benchmark_steps"):
+    for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k",
+                 "metric_samples", "benchmark_steps"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("train_subset", "test_subset", "eval_every", "linear_epochs", "warmup_epochs"):
@@ -181,146 +175,52 @@ def check_config(cfg, world=1):
             raise UsageError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
         size = cfg.proj_dim // cfg.groups
         if size >= cfg.batch_size:
-            # After centring, a batch of N spans at most N-1 directions: a group of N or more
-            # axes has a singular covariance and its whitening divides by ~0.
-            raise UsageError(f"group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than the "
-                             f"batch {cfg.batch_size}; use more --groups or a larger --batch-size")
-
-
-# =============================================================================================
-# 2. Setup: device, precision, processes
-# One process per GPU under torchrun. Every helper below is a no-op in a single process.
-# =============================================================================================
+            ## After centring, N samples span at most N-1 directions: a group of N or more axes
+            ## has a singular covariance, and whitening it would divide by ~0.
+            raise UsageError(f"group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than "
+                             f"the batch {cfg.batch_size}; use more --groups or a larger --batch-size")
 
 
 @dataclass
 class Machine:
+    """Where the run happens: device, autocast precision, and this process among several."""
     device: torch.device
     amp_dtype: torch.dtype | None  # None = plain float32
     rank: int = 0
     world: int = 1
 
     @property
-    def main(self):
+    def main(self):  # process 0 prints, logs and saves
         return self.rank == 0
 
+    @property
+    def memory_format(self):  # channels_last lets cuDNN use its fastest convolutions
+        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
 
-def setup_machine(cfg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible")
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple MPS is not available")
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
-        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
-        # backward) and the metrics', which need full precision; the network's run in bf16.
-        torch.backends.cuda.matmul.allow_tf32 = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    prec = cfg.precision
-    if prec == "auto":
-        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if prec != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {prec} is only supported on CUDA here; use fp32")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec]
-    return Machine(device, amp, rank, world)
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        # No weight-cast cache: a CUDA graph must not keep casts made at capture (Appendix C).
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
 
-def distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    # y = sum_r x_r on every process. Each process's loss depends on y, so the gradient of the
-    # total loss with respect to x_r is the sum over processes of dL_r/dy: all-reduce it too.
-    @staticmethod
-    def forward(ctx, x):
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def all_reduce_sum(t):
-    """Sum of t over all processes, differentiable, so a statistic of the global batch gets the
-    same gradient as on one GPU. (torch.distributed.nn's version is deprecated since 2.x.)"""
-    return _AllReduceSum.apply(t) if distributed() else t
-
-
-def gather_shards(t, n_total):
-    """Inverse of `x[rank::world]`: every process gets the rows of all processes, in the
-    original order. Used for features, so k-NN and linear evaluation see the whole set."""
-    if not distributed():
-        return t
-    world = dist.get_world_size()
-    size = -(-n_total // world)
-    padded = torch.zeros(size, *t.shape[1:], dtype=t.dtype, device=t.device)
-    padded[: len(t)] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty(n_total, *t.shape[1:], dtype=t.dtype, device=t.device)
-    for r, part in enumerate(parts):
-        out[r::world] = part[: len(range(r, n_total, world))]
-    return out
-
-
-def autocast(mach):
-    if mach.amp_dtype is None:  # plain float32 (CPU, MPS, or --precision fp32)
-        return contextlib.nullcontext()
-    return torch.autocast(mach.device.type, dtype=mach.amp_dtype)
-
-
-def full_precision(x):
-    # Leaves any surrounding autocast: whitening and metrics must not run in bf16/fp16.
-    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
-
-
-def small_eigh(a, eigenvalues_only=False):
-    """torch.linalg.eigh / eigvalsh for the small symmetric matrices of this file (32x32 groups,
-    a 512x512 covariance). On the CPU it runs single-threaded: MKL's threaded eigensolver on such
-    sizes was measured 25 to 500 times slower than one thread on a 2-core machine."""
-    fn = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh
-    if a.device.type == "mps":  # no eigensolver on Apple GPUs: solve on the CPU (differentiably)
-        out = small_eigh(a.cpu(), eigenvalues_only)
-        return out.to(a.device) if eigenvalues_only else tuple(t.to(a.device) for t in out)
-    if a.device.type != "cpu" or torch.get_num_threads() == 1:
-        return fn(a)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(a)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def mem_format(mach):
-    # channels_last lets cuDNN use its fastest (NHWC tensor-core) convolution kernels
-    return torch.channels_last if mach.device.type == "cuda" else torch.contiguous_format
+def print0(machine, *args):
+    """print() on process 0 only, between the progress bars."""
+    if machine.main:
+        tqdm.write(" ".join(str(a) for a in args))
+        sys.stdout.flush()  # a row per epoch should reach a log file when it happens
 
 
 # =============================================================================================
-# 3. Data
-# The whole dataset is one uint8 tensor (N x 3 x H x W) that moves to the device once; batches
-# are slices of it, so no DataLoader or CPU worker sits in the training loop.
+# 2. Data
+## The whole dataset is one uint8 tensor (N x 3 x H x W) that moves to the device once;
+## batches are slices of it, so no DataLoader or CPU worker sits in the training loop.
 # =============================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors normalize CIFAR with ImageNet statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_SIZES = (5000, 1000)  # train, test
+SYNTHETIC_SEED = 1234  # the generated images are fixed: --seed changes the training, not the data
 
 
 @dataclass
@@ -333,7 +233,7 @@ class Data:
 
 
 def load_cifar(name, root):
-    """CIFAR-10/100 through torchvision: the local copy in `root`, else a download there."""
+    """CIFAR-10/100 through torchvision: the copy in `root`, else a download there."""
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         try:
@@ -350,7 +250,8 @@ def load_cifar(name, root):
     return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
 
 
-def _read_image(path, size):
+def read_image(path, size):
+    """One image file -> 3 x size x size uint8 (shorter side resized, then centre crop)."""
     try:  # torchvision.io decodes JPEG/PNG about 4x faster than PIL
         img = torchvision.io.read_image(path, mode=torchvision.io.ImageReadMode.RGB)
     except (RuntimeError, AttributeError):  # a format it cannot decode (or a torchvision without it)
@@ -362,12 +263,20 @@ def _read_image(path, size):
     return img
 
 
+def _read_or_report(path, size):
+    try:
+        return read_image(path, size), None
+    except Exception as e:  # a damaged file fails in many ways (OSError, SyntaxError, ...): name it
+        return None, f"{path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '?'})"
+
+
 def load_image_folder(root, size, progress=True):
     """DIR/train and DIR/test (or DIR/val), one sub-folder per class (torchvision's ImageFolder
-    layout), decoded once into uint8 tensors of size x size (shorter side resized, centre crop)."""
+    layout), decoded once into uint8 tensors. A file that cannot be decoded stops the load with
+    its path: silently training on fewer images would make the numbers incomparable."""
     if not os.path.isdir(os.path.join(root, "train")):
-        raise UsageError(f"no image folder at {os.path.join(root, 'train')} (--dataset folder expects "
-                         f"DIR/train/<class>/* and DIR/test/<class>/*)")
+        raise UsageError(f"no image folder at {os.path.join(root, 'train')} (--dataset folder "
+                         f"expects DIR/train/<class>/* and DIR/test/<class>/*)")
     test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
     if test_dir is None:
         raise UsageError(f"no {os.path.join(root, 'test')} or {os.path.join(root, 'val')} folder for evaluation")
@@ -379,9 +288,15 @@ def load_image_folder(root, size, progress=True):
             raise UsageError(f"{split_dir}: {e}") from None
         paths = [p for p, _ in folder.samples]
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            imgs = list(tqdm(pool.map(lambda p: _read_image(p, size), paths, chunksize=256), total=len(paths),
-                             desc=f"decoding {split_dir}", disable=not progress, leave=False))
-        out.append((torch.stack(imgs), torch.tensor(folder.targets, dtype=torch.long), folder.classes))
+            decoded = list(tqdm(pool.map(lambda p: _read_or_report(p, size), paths, chunksize=256),
+                                total=len(paths), desc=f"decoding {split_dir}", disable=not progress, leave=False))
+        bad = [err for _, err in decoded if err]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {bad[0]}{more}; "
+                             f"remove or replace them")
+        imgs = torch.stack([img for img, _ in decoded])
+        out.append((imgs, torch.tensor(folder.targets, dtype=torch.long), folder.classes))
     (trx, try_, classes), (tex, tey, test_classes) = out
     if test_classes != classes:
         raise UsageError(f"{test_dir} has classes {test_classes[:5]}... but train has {classes[:5]}...")
@@ -392,7 +307,7 @@ SHAPES = ("disk", "square", "triangle", "ring", "cross")
 
 
 def make_synthetic(n, size=32, seed=0):
-    """A labelled image set with real class structure, generated offline and deterministic per
+    """A labelled image set with real class structure, generated offline, deterministic per
     seed. Class = shape (disk, square, triangle, ring, cross) x texture (plain, striped), 10
     classes; colour, position, size, rotation, stripe frequency and noise vary per image, so
     that only shape and texture carry the label (colour jitter cannot give it away).
@@ -446,7 +361,7 @@ def load_data(cfg):
         data = load_image_folder(cfg.data_dir, cfg.image_size, progress=cfg.progress)
     else:
         n_train, n_test = SYNTHETIC_SIZES
-        x, y = make_synthetic(n_train + n_test, cfg.image_size, seed=1234)  # fixed: the data is not the seed's business
+        x, y = make_synthetic(n_train + n_test, cfg.image_size, seed=SYNTHETIC_SEED)
         data = Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
                     [f"{SHAPES[c % 5]}-{'striped' if c >= 5 else 'plain'}" for c in range(10)])
     data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, cfg.train_subset, cfg.seed)
@@ -455,11 +370,11 @@ def load_data(cfg):
 
 
 # =============================================================================================
-# 4. Augmentations
-# SimSiam's CIFAR recipe, each image with its own random parameters, as batched tensor ops on
-# whatever device the batch is on: RandomResizedCrop(32, scale 0.2-1, ratio 3/4-4/3), flip 0.5,
-# ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 (ops in a random order per image, as torchvision),
-# grayscale 0.2, then normalization.
+# 3. Augmentations
+## SimSiam's CIFAR recipe, each image with its own random parameters, as batched tensor ops on
+## whatever device the batch is on: RandomResizedCrop(32, scale 0.2-1, ratio 3/4-4/3), flip
+## 0.5, ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 (the four ops in a random order per image,
+## as torchvision), grayscale 0.2, then normalization.
 # =============================================================================================
 
 
@@ -477,6 +392,12 @@ def normalize(x):
         _MEAN_STD[x.device] = tuple(torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     mean, std = _MEAN_STD[x.device]
     return (x - mean) / std
+
+
+def network_input(x, machine):
+    """Images as the network takes them: uint8 (or float in [0, 1]) N x 3 x H x W -> normalized
+    float32 in the machine's memory format."""
+    return normalize(to_float(x)).contiguous(memory_format=machine.memory_format)
 
 
 def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None, mode="bilinear"):
@@ -544,8 +465,8 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     n, dev = x.shape[0], x.device
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
     on = (rand(n) < p).float().view(n, 1, 1, 1)
-    one = lambda a: (1 + on * (2 * rand(n, 1, 1, 1) - 1) * a)  # factor in [1-a, 1+a], 1 when off
-    fb, fc, fs = one(brightness), one(contrast), one(saturation)
+    factor = lambda a: (1 + on * (2 * rand(n, 1, 1, 1) - 1) * a)  # in [1-a, 1+a], 1 when off
+    fb, fc, fs = factor(brightness), factor(contrast), factor(saturation)
     fh = on[:, 0] * (2 * rand(n, 1, 1) - 1) * hue
     order = torch.argsort(rand(n, 4), dim=1)  # a random permutation of the 4 ops per image
     # Four rounds; in round k each image applies the op whose turn it is and the identity
@@ -572,7 +493,8 @@ def random_grayscale(x, p=0.2, generator=None):
 def augment(x, generator=None):
     """One random view of every image in the batch (SimSiam's CIFAR recipe).
     x: N x 3 x H x W, uint8 (0-255) or float (0-1), on any device -> N x 3 x H x W float32,
-    normalized. Call it twice on the same batch for the two views."""
+    normalized. Every image gets its own draw, so the two views of a batch x are the two
+    halves of augment(torch.cat([x, x]))."""
     x = random_resized_crop_flip(to_float(x), generator=generator)
     x = color_jitter(x, generator=generator)
     x = random_grayscale(x, generator=generator)
@@ -592,9 +514,126 @@ def eval_transform(x, chunk=4096):
 
 
 # =============================================================================================
+# 4. The paper's layer: whitening the projector output over the batch
+## Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so
+## the output can collapse onto a few directions. Whitening makes the batch covariance the
+## identity: no direction can be lost. This section is the paper's method; Appendix A computes
+## C^(-1/2), Appendix B sums the statistics over GPUs. A single-GPU copy needs this section
+## and Appendix A, with `batch_average` reduced to its first line.
+# =============================================================================================
+
+
+def batch_average(total, n, sync=False):
+    """total / n, where `total` is a sum over this process's n samples. With sync (training
+    under torchrun): the average over the global batch, sums and counts taken over all
+    processes, differentiably (Appendix B). A one-GPU copy of the layer can keep `total / n`."""
+    if not sync:
+        return total / n
+    count = torch.full((), n, dtype=total.dtype, device=total.device)
+    return all_reduce_sum(total) / all_reduce_sum(count)
+
+
+def whitening_matrix(cov, eps, method="eigh"):
+    """W = (C / m + eps I)^(-1/2) / sqrt(m) for covariances C: ... x S x S, where m = tr(C) / S
+    is the group's mean variance (its mean eigenvalue).
+    ## Why eps is relative: with an absolute eps, (C + eps I)^(-1/2) of a tiny C is about
+    ## eps^(-1/2) I, the "whitened" output of a tiny input is a small copy of it, and the
+    ## network can lower the loss by shrinking its output. Relative to m, W(c^2 C) = W(C) / c,
+    ## so the output of c x equals that of x for every c > 0.
+    ## Why eps is small (1e-8): a direction with eigenvalue l near eps x m is damped to std
+    ## sqrt(l / (l + eps m)) < 1, so a larger eps lets the network collapse below it (at
+    ## 1e-5 it did, README). eps bounds each group's condition number by S / eps.
+    A group whose axes are all exactly constant (C = 0) has nothing to whiten: W = I, its
+    output is 0. method: "eigh" (exact) or "newton" (matrix products only), Appendix A."""
+    size = cov.shape[-1]
+    eps = whitening_eps(eps, size, cov.dtype)  # rounding cannot honour less: Appendix A
+    eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    constant = m == 0
+    m = torch.where(constant, torch.ones_like(m), m)
+    a = torch.where(constant, eye, cov / m + eps * eye)  # mean eigenvalue 1 + eps: scale-free
+    return inverse_sqrt(a, eps, method) * m.rsqrt()
+
+
+class GroupWhitening(nn.Module):
+    """Shuffled group ZCA whitening over the batch (the paper's "Shuffled-DBN"). Per group of
+    S = D/G axes:
+        xc = x - mean_batch(x)                  (N x S)
+        C  = xc^T xc / N                         (biased covariance), m = tr(C) / S
+        W  = (C / m + eps I)^(-1/2) / sqrt(m)    (ZCA: the whitening closest to the input)
+        y  = xc W
+    ## Small groups keep C well conditioned at small batches (rank(xc) <= N-1, so S < N);
+    ## shuffling the axes into new groups at every call (a fresh random permutation, undone
+    ## after whitening) decorrelates every pair of axes over training, not only pairs in a group.
+    groups=1 is full ZCA whitening (DBN); shuffle=False is grouped DBN; groups=D is per-axis
+    standardization, y = xc / sqrt(var (1 + eps)), which `--decorr bn` uses. With eps = 0 this
+    is the authors' layer. Statistics always come from the batch (no running averages, as
+    theirs), in `dtype` and outside autocast: the whitening of a badly conditioned group needs
+    the precision. Under torchrun they are the global batch's (Appendix B).
+
+    x: N x D, or V x N x D for V views at once (each view its own statistics and its own
+    permutation: the same as V calls) -> same shape and dtype. The last permutation drawn
+    (D, or V x D) is kept in `last_perm`. The permutations come from torch's global RNG."""
+
+    def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
+        super().__init__()
+        if groups < 1 or num_features % groups:
+            raise ValueError(f"groups={groups} must divide num_features={num_features}")
+        if method not in ("eigh", "newton"):
+            raise ValueError(f"method must be 'eigh' or 'newton', not {method!r}")
+        if eps < 0:
+            raise ValueError("eps must be >= 0")
+        self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
+        self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
+        self.last_perm = None
+
+    def extra_repr(self):
+        return (f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, "
+                f"dtype={self.dtype}, method={self.method}")
+
+    def forward(self, x):
+        *_, n, d = x.shape
+        if d != self.num_features or x.dim() not in (2, 3):
+            raise ValueError(f"expected N x {self.num_features} or V x N x {self.num_features}, got {tuple(x.shape)}")
+        if n < 2:
+            raise ValueError("whitening needs a batch of at least 2")
+        dtype = torch.float32 if x.device.type == "mps" else self.dtype  # MPS has no float64
+        h = x.to(dtype).reshape(-1, n, d)  # V x N x D
+        v, g, s = h.shape[0], self.groups, d // self.groups
+        perm = None
+        if self.shuffle:  # one permutation per view, drawn on the device (no host copy)
+            perm = torch.stack([torch.randperm(d, device=x.device) for _ in range(v)])
+            h = h.gather(2, perm[:, None, :].expand(v, n, d))
+        h = h.reshape(v, n, g, s).transpose(1, 2)  # V x G x N x S
+        sync = self.training and distributed()
+        hc = h - batch_average(h.sum(2, keepdim=True), n, sync)
+        if s == 1:  # per-axis standardization: C is the 1x1 variance, W = 1/sqrt(var (1 + eps))
+            var = batch_average((hc * hc).sum(2, keepdim=True), n, sync)
+            y = hc * torch.where(var > 0, var * (1 + self.eps), torch.ones_like(var)).rsqrt()
+        else:
+            cov = batch_average(hc.transpose(2, 3) @ hc, n, sync)  # V x G x S x S
+            y = hc @ whitening_matrix(cov, self.eps, self.method)
+        y = y.transpose(1, 2).reshape(v, n, d)
+        if perm is not None:  # every axis back to its own place
+            y = torch.empty_like(y).scatter_(2, perm[:, None, :].expand(v, n, d), y)
+        self.last_perm = None if perm is None else perm[0] if x.dim() == 2 else perm
+        return y.reshape(x.shape).to(x.dtype)
+
+
+def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
+    """The layer after the projector, by the paper's three cases:
+    none -> identity (complete collapse); bn -> per-axis standardization over the batch, no
+    affine (dimensional collapse); zca -> GroupWhitening (decorrelated, the paper's method)."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "bn":
+        return GroupWhitening(dim, groups=dim, shuffle=False, eps=eps, dtype=dtype)
+    return GroupWhitening(dim, groups=groups, shuffle=shuffle, eps=eps, dtype=dtype, method=method)
+
+
+# =============================================================================================
 # 5. Model: encoder -> projector -> normalization layer -> (predictor)
-# The normalization layer is the paper's subject. Everything downstream (k-NN, linear) uses
-# only the encoder's output.
+## Everything downstream of training (k-NN, linear probe) uses only the encoder's output.
 # =============================================================================================
 
 
@@ -617,240 +656,53 @@ def small_convnet():
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
 
 
-def projector_mlp(in_dim, hidden, out_dim):
-    """Linear -> BN -> ReLU -> Linear (512 -> 1024 -> 512 in the paper). N x in_dim -> N x out_dim.
-    No normalization at the end: that is the job of the layer that follows."""
+def mlp(in_dim, hidden, out_dim):
+    """Linear -> BN -> ReLU -> Linear: the projector (512 -> 1024 -> 512 in the paper) and the
+    optional predictor (D -> 256 -> D). N x in_dim -> N x out_dim. No normalization at the
+    end: after the projector, that is the job of the paper's layer."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                          nn.Linear(hidden, out_dim))
 
 
-class _InvSqrtEigh(torch.autograd.Function):
-    # A^(-1/2) by eigendecomposition, with the gradient in closed form instead of autograd
-    # through eigh. For A = U diag(l) U^T and W = U diag(l^-1/2) U^T (Daleckii-Krein):
-    #     dL/dA = U (K o U^T sym(dL/dW) U) U^T,   K_ij = (l_i^-1/2 - l_j^-1/2) / (l_i - l_j)
-    #                                                 = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(l).
-    # The second form has no 1/(l_i - l_j): repeated eigenvalues (duplicated axes, rank-deficient
-    # groups) give a finite gradient, where autograd through eigh's eigenvectors gives inf/NaN.
-    @staticmethod
-    def forward(ctx, a, floor):
-        evals, evecs = small_eigh(a)
-        # In exact arithmetic every eigenvalue is >= floor (= eps); rounding can push the
-        # smallest below it, or below 0 in float32. Clamping undoes only that rounding.
-        s = evals.clamp_min(floor).sqrt()
-        ctx.save_for_backward(evecs, s)
-        return (evecs / s.unsqueeze(-2)) @ evecs.mT
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, s = ctx.saved_tensors
-        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
-        k = -1.0 / (si * sj * (si + sj))
-        g = u.mT @ (0.5 * (grad + grad.mT)) @ u
-        return u @ (k * g) @ u.mT, None
-
-
-def newton_iterations(size, eps, tol=1e-15):
-    """How many coupled Newton-Schulz steps reach A^(-1/2) for every matrix the layer can meet.
-    The iteration acts on each eigenvalue of A / tr(A) alone: with p = y*z, p <- p (3 - p)^2 / 4,
-    and the relative error of z is (1 - p) / 2. After the relative eps, tr(A) = size (1 + eps)
-    and every eigenvalue is >= eps, so p starts at >= eps / (size (1 + eps)): run the scalar
-    recurrence from there until 1 - p < tol. A count fixed by (size, eps), never by the data
-    (32 for 32 axes at eps 1e-8, 35 for 256)."""
-    p, steps = eps / (size * (1 + eps)), 0
-    while 1 - p > tol:
-        p, steps = p * (3 - p) ** 2 / 4, steps + 1
-    return steps
-
-
-def inverse_sqrt_newton(a, steps):
-    """A^(-1/2) for a batch of symmetric positive definite G x S x S matrices by the coupled
-    Newton-Schulz iteration (Higham 2008, eq. 6.35), written with the residual R = (I - ZY) / 2:
-        Y_0 = A / tr(A),  Z_0 = I,   Y <- Y + Y R,   Z <- Z + R Z     (Y -> A^(1/2), Z -> A^(-1/2))
-    Only matrix products: no eigh, no .item(), no data-dependent branch, so it runs inside a
-    CUDA graph, and autograd differentiates through the steps. Y and Z are kept symmetric,
-    which halves the float32 rounding error. In float32 on CUDA it needs TF32 matmuls off
-    (10-bit mantissas): setup_machine() turns them off for the whole run, backward included."""
-    size = a.shape[-1]
-    eye = torch.eye(size, dtype=a.dtype, device=a.device)
-    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    y, z = a / trace, eye.expand_as(a)
-    for _ in range(steps):
-        r = 0.5 * (eye - z @ y)
-        yr, rz = y @ r, r @ z
-        y, z = y + 0.5 * (yr + yr.mT), z + 0.5 * (rz + rz.mT)
-    return z * trace.rsqrt()
-
-
-def whitening_eps(eps, size, dtype):
-    """The relative eps a group of `size` axes gets in `dtype`: at least size x machine epsilon."""
-    return max(eps, size * torch.finfo(dtype).eps)
-
-
-def whitening_matrix(cov, eps, method="eigh", steps=None):
-    """W = (C / m + eps I)^(-1/2) / sqrt(m) for a batch of covariances C (G x S x S), where
-    m = tr(C) / S is the group's mean variance (its mean eigenvalue).
-
-    Why eps is relative: with C + eps I (an absolute eps), a network can lower the loss by
-    shrinking the projector output, since the "whitened" output of a tiny input is just a
-    small copy of it; a batch-512 GPU run did exactly that, then its eigh failed. Relative to
-    m, W(c^2 C) = W(C) / c, so the whitened output of c x equals that of x for every c > 0.
-    Why eps is small (1e-8): any eps damps a direction whose eigenvalue l is near eps x m to
-    std sqrt(l / (l + eps m)) < 1, so a network can still lower the loss by collapsing its
-    output below eps, and at 1e-5 it did within 2 epochs (README). eps bounds each group's
-    condition number by S / eps, which keeps a rank-deficient group finite. A group whose
-    axes are all exactly constant (C = 0) has nothing to whiten: W = I, its output is 0.
-
-    eps cannot be smaller than the dtype resolves: rounding moves the eigenvalues of C / m
-    (largest <= S) by about S x machine epsilon, so a smaller eps would not keep them positive
-    (float32 Newton-Schulz turned NaN on rank-deficient groups). It is raised to that floor,
-    whitening_eps: 3.8e-6 for 32 axes in float32, 7e-15 in float64.
-
-    method: "eigh" (eigendecomposition, exact; the reference) or "newton" (Newton-Schulz,
-    `steps` iterations, default newton_iterations(S, eps); capturable in a CUDA graph)."""
-    size = cov.shape[-1]
-    eps = whitening_eps(eps, size, cov.dtype)
-    eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
-    m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]  # G x 1 x 1
-    constant = m == 0
-    m = torch.where(constant, torch.ones_like(m), m)
-    a = torch.where(constant, eye, cov / m + eps * eye)  # mean eigenvalue 1 + eps, scale-free
-    if method == "eigh":
-        w = _InvSqrtEigh.apply(a, eps)
-    else:
-        w = inverse_sqrt_newton(a, newton_iterations(size, eps) if steps is None else steps)
-    return w * m.rsqrt()
-
-
-class GroupWhitening(nn.Module):
-    """Shuffled group ZCA whitening over the batch (the paper's "Shuffled-DBN").
-
-    Why: standardizing each axis (BN) stops complete collapse but lets the axes stay
-    correlated, so the output collapses onto a few directions. Whitening makes the batch
-    covariance the identity, so no direction can be lost. Per group of S = D/G axes:
-        xc = x - mean_batch(x)                  (N x S)
-        C  = xc^T xc / N                         (biased covariance), m = tr(C) / S
-        W  = (C / m + eps I)^(-1/2) / sqrt(m)    (ZCA: the whitening closest to the input)
-        y  = xc W
-    eps is relative to the group's mean variance m, so y(c x) = y(x) for every scale c: the
-    network cannot lower the loss by shrinking its output (see whitening_matrix). With eps = 0
-    this is the authors' layer (but for the dtype's floor on eps: 7e-15 in float64).
-    Small groups keep C well conditioned at small batches (rank(xc) <= N-1, so S must be < N);
-    shuffling the D axes into new groups at every call (a fresh random permutation, undone
-    after whitening) decorrelates every pair of axes over training, not only pairs in a group.
-    groups=1 is full ZCA whitening (DBN); shuffle=False is grouped DBN; groups=D is per-axis
-    standardization, y = xc / sqrt(var (1 + eps)), which is what `--decorr bn` uses.
-
-    method="eigh" computes W by eigendecomposition (exact, the reference; its gradient is the
-    closed form, finite for repeated eigenvalues); method="newton" by Newton-Schulz
-    iterations (matrix products only, nothing that waits for the host, so a CUDA graph can
-    hold it). Both compute the same W: in float64 they agree to 1e-8 or better (tests).
-
-    Statistics always come from the batch (no running averages, as the authors' layer), in
-    `dtype` outside autocast: cuSOLVER has no half-precision eigh, and the whitening of a
-    badly conditioned group needs the precision. Under torch.distributed, in training mode,
-    mean and covariance are summed over all processes (differentiably), so each GPU whitens
-    with the global batch's statistics. The permutation comes from torch's global RNG on x's
-    device, which the training loop seeds identically on every process.
-
-    x: N x D -> N x D, same dtype. The last permutation is kept in `last_perm` for inspection.
-    """
-
-    def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
-        super().__init__()
-        if groups < 1 or num_features % groups:
-            raise ValueError(f"groups={groups} must divide num_features={num_features}")
-        if method not in ("eigh", "newton"):
-            raise ValueError(f"method must be 'eigh' or 'newton', not {method!r}")
-        if eps < 0:
-            raise ValueError("eps must be >= 0")
-        self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
-        self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
-        self.last_perm = None
-
-    def extra_repr(self):
-        return (f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, "
-                f"dtype={self.dtype}, method={self.method}")
-
-    def forward(self, x):
-        n, d = x.shape
-        if d != self.num_features:
-            raise ValueError(f"expected {self.num_features} features, got {d}")
-        if n < 2:
-            raise ValueError("whitening needs a batch of at least 2")
-        sync = self.training and distributed()
-        s = d // self.groups
-        dtype = torch.float32 if x.device.type == "mps" else self.dtype  # MPS has no float64
-        h = x.to(dtype)
-        perm = torch.randperm(d, device=x.device) if self.shuffle else None  # drawn on the device: no copy
-        if perm is not None:
-            h = h[:, perm]
-        h = h.reshape(n, self.groups, s).transpose(0, 1)  # G x N x S
-        count = all_reduce_sum(torch.full((), n, dtype=dtype, device=x.device)) if sync else n
-        mean = all_reduce_sum(h.sum(1, keepdim=True)) / count
-        hc = h - mean
-        if s == 1:  # per-axis standardization: C is the 1x1 variance, W = 1/sqrt(var (1 + eps))
-            var = all_reduce_sum((hc * hc).sum(1, keepdim=True)) / count
-            y = hc * torch.where(var > 0, var * (1 + self.eps), torch.ones_like(var)).rsqrt()
-        else:
-            cov = all_reduce_sum(hc.transpose(1, 2) @ hc) / count  # G x S x S
-            y = hc @ whitening_matrix(cov, self.eps, self.method)
-        y = y.transpose(0, 1).reshape(n, d)
-        if perm is not None:
-            y = y[:, torch.argsort(perm)]  # every axis back to its own place
-        self.last_perm = perm
-        return y.to(x.dtype)
-
-
-def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh"):
-    """The layer after the projector, by the paper's three cases:
-    none -> identity (complete collapse); bn -> per-axis standardization over the batch, no
-    affine (dimensional collapse); zca -> GroupWhitening (decorrelated, the paper's method)."""
-    if kind == "none":
-        return nn.Identity()
-    if kind == "bn":
-        return GroupWhitening(dim, groups=dim, shuffle=False, eps=eps, dtype=dtype)
-    return GroupWhitening(dim, groups=groups, shuffle=shuffle, eps=eps, dtype=dtype, method=method)
-
-
-def predictor_mlp(dim, hidden):
-    """Optional predictor (SimSiam / BYOL style): D -> hidden -> D with BN and ReLU."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+def full_precision(x):
+    # Leaves any surrounding autocast: whitening and metrics must not run in bf16/fp16.
+    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
 
 
 class SiameseNet(nn.Module):
-    """One network applied to both views. Each view is a separate call of `branch`, so each gets
-    its own batch statistics and its own shuffle, as in the authors' code.
-    forward(x1, x2) with x: N x 3 x H x W -> (p1, p2, z1, z2), each N x D, where z is the
-    normalized projector output and p = predictor(z) (p = z without a predictor)."""
+    """One network applied to both views.
+    ## Each view goes through the encoder and projector in its own call, so each gets its own
+    ## BatchNorm statistics, as in the authors' code; the normalization layer then takes both
+    ## views in one call, each with its own statistics and shuffle (the same as two calls).
+    forward(x1, x2), x: N x 3 x H x W -> (p1, p2, z1, z2), each N x D: z is the normalized
+    projector output, p = predictor(z) (p = z without a predictor)."""
 
     def __init__(self, encoder, feat_dim, projector, norm, predictor=None):
         super().__init__()
         self.encoder, self.feat_dim, self.projector, self.norm, self.predictor = encoder, feat_dim, projector, norm, predictor
 
-    def stages(self, x):
-        """backbone (N x 512), projector (before the normalization layer), normalized (after)."""
-        h = self.encoder(x)
-        y = self.projector(h)
-        with full_precision(y):
-            z = self.norm(y.float())
-        return h, y, z
+    def project(self, x):
+        """Projector output before the normalization layer: N x 3 x H x W -> N x D."""
+        return self.projector(self.encoder(x))
 
-    def branch(self, x):
-        z = self.stages(x)[2]
-        return (self.predictor(z) if self.predictor is not None else z), z
+    def normalize(self, y):
+        """The paper's layer, in float32/64 outside autocast: (V x) N x D -> same, float32."""
+        with full_precision(y):
+            return self.norm(y.float())
 
     def forward(self, x1, x2):
-        p1, z1 = self.branch(x1)
-        p2, z2 = self.branch(x2)
-        return p1, p2, z1, z2
+        z1, z2 = self.normalize(torch.stack([self.project(x1), self.project(x2)]))
+        if self.predictor is None:
+            return z1, z2, z1, z2
+        return self.predictor(z1), self.predictor(z2), z1, z2
 
 
-def build_model(cfg):
+def build_model(cfg, whiten_method="eigh"):
     encoder, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
     norm = normalization_layer(cfg.decorr, cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps,
-                               getattr(torch, cfg.whiten_dtype), cfg.whiten)
-    pred = predictor_mlp(cfg.proj_dim, cfg.pred_hidden) if cfg.predictor else None
-    return SiameseNet(encoder, feat_dim, projector_mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim), norm, pred)
+                               getattr(torch, cfg.whiten_dtype), whiten_method)
+    pred = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor else None
+    return SiameseNet(encoder, feat_dim, mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim), norm, pred)
 
 
 # =============================================================================================
@@ -860,20 +712,20 @@ def build_model(cfg):
 
 def siamese_loss(p1, p2, z1, z2, kind="l2", stop_grad=False):
     """Symmetric distance between each view's prediction and the other view's output.
-    l2: mean over the batch of ||p - z||^2 summed over axes (the paper's loss; with no predictor
-    it is exactly mean ||z1 - z2||^2, of order D once the output is whitened). cosine: negative
-    cosine similarity, in [-1, 1] (SimSiam). stop_grad: the target z gets no gradient.
-    p, z: N x D -> scalar."""
+    l2: mean over the batch of ||p - z||^2 summed over axes (the paper's loss; with no
+    predictor it is exactly mean ||z1 - z2||^2, of order D once the output is whitened).
+    cosine: negative cosine similarity, in [-1, 1] (SimSiam). stop_grad: the target z gets no
+    gradient. p, z: N x D -> scalar."""
     if stop_grad:
         z1, z2 = z1.detach(), z2.detach()
 
-    def dist_(p, z):
+    def distance(p, z):
         p, z = p.float(), z.float()
         if kind == "l2":
             return (p - z).pow(2).sum(1).mean()
         return -F.cosine_similarity(p, z, dim=1).mean()
 
-    return 0.5 * (dist_(p1, z2) + dist_(p2, z1))
+    return 0.5 * (distance(p1, z2) + distance(p2, z1))
 
 
 # =============================================================================================
@@ -883,7 +735,7 @@ def siamese_loss(p1, p2, z1, z2, kind="l2", stop_grad=False):
 
 @torch.no_grad()
 def collapse_metrics(z):
-    """The paper's measurements of collapse, for features z: N x D (any dtype, computed in float64).
+    """The paper's measurements of collapse, for features z: N x D (computed in float64).
       std           mean over axes of the per-axis std of z. Falls to 0 under complete collapse.
       std_l2        mean over axes of the std of z / ||z||. About 1/sqrt(D) when the outputs
                     spread over the sphere, 0 when they all point one way (SimSiam's measure).
@@ -891,7 +743,7 @@ def collapse_metrics(z):
                     variance count as uncorrelated). Near 1 under dimensional collapse.
       eff_rank      exp(entropy of p), p = singular values of the centred z / their sum
                     (Roy & Vetterli; RankMe). 1 for rank-1 features, D for isotropic ones.
-      spectrum      covariance eigenvalues, descending, divided by the largest (list of D floats).
+      spectrum      covariance eigenvalues, descending, divided by the largest (D floats).
     Returns a dict of Python floats."""
     z = z.detach()
     z = (z.cpu() if z.device.type == "mps" else z).double()  # MPS has no float64
@@ -933,17 +785,18 @@ def train_mode_frozen_buffers(model):
 
 
 @torch.no_grad()
-def measure_collapse(net, metric_x, backbone_feats, batch, mach, n_total):
-    """collapse_metrics at the three stages. backbone: the eval-mode features k-NN uses.
-    projector / normalized: a fixed set of training images run in train mode, in chunks of the
-    training batch, so every BatchNorm and the whitening use batch statistics exactly as they
-    do in training (in eval mode BN's running statistics can hide a collapse)."""
+def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
+    """collapse_metrics at three stages. backbone: the eval-mode features k-NN uses.
+    projector (before the paper's layer) and normalized (after it): fixed training images in
+    train mode, in chunks of the training batch.
+    ## Train mode, because that is how the network computes the outputs it trains on: in eval
+    ## mode BatchNorm's running averages lag behind and can make a collapsing output look healthy."""
     outs = []
-    with train_mode_frozen_buffers(net), autocast(mach):
-        for x in metric_x.split(batch):  # full batches: metric set is a multiple of the batch
-            _, y, z = net.stages(normalize(to_float(x)).contiguous(memory_format=mem_format(mach)))
-            outs.append(torch.cat([y.float(), z.float()], 1))
-    yz = gather_shards(torch.cat(outs), n_total)
+    with train_mode_frozen_buffers(net), machine.autocast():
+        for x in metric_x.split(batch):  # full batches: the metric set is a multiple of the batch
+            y = net.project(network_input(x, machine))
+            outs.append(torch.cat([y.float(), net.normalize(y)], 1))
+    yz = gather_shards(torch.cat(outs), n_total)  # all processes' images (Appendix B)
     d = yz.shape[1] // 2
     return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(yz[:, :d]),
             "normalized": collapse_metrics(yz[:, d:])}
@@ -955,14 +808,12 @@ def measure_collapse(net, metric_x, backbone_feats, batch, mach, n_total):
 
 
 @torch.no_grad()
-def encode(encoder, x, mach, batch=1024):
-    """Eval-mode backbone features of uint8 images x (no augmentation). -> N x 512 float32."""
+def encode(encoder, x, machine, batch=1024):
+    """Eval-mode backbone features of uint8 images x (no augmentation). -> N x F float32."""
     was = encoder.training
     encoder.eval()
-    feats = []
-    with autocast(mach):
-        for xb in x.split(batch):
-            feats.append(encoder(normalize(to_float(xb)).contiguous(memory_format=mem_format(mach))).float())
+    with machine.autocast():
+        feats = [encoder(network_input(xb, machine)).float() for xb in x.split(batch)]
     encoder.train(was)
     return torch.cat(feats) if feats else torch.zeros(0, 1, device=x.device)
 
@@ -985,40 +836,71 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, t=0.
     return 100.0 * correct / len(test_feats)
 
 
-def linear_accuracy(encoder, feat_dim, tr, te, num_classes, epochs, mach, seed, progress=True):
-    """Linear probe: a Linear(512, classes) on the frozen eval-mode backbone, cross-entropy,
-    SGD momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100);
+PROBE_SEED_STRIDE = 7919  # a prime: each process's probe crops get a stream of their own
+
+
+def linear_accuracy(encoder, feat_dim, train, test, num_classes, epochs, machine, seed, progress=True):
+    """Linear probe: a Linear(F, classes) on the frozen eval-mode backbone, cross-entropy, SGD
+    momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100);
     training images get RandomResizedCrop(scale 0.08-1, bicubic) + flip, as the authors; test
     images come already in the evaluation view (eval_transform, unless --raw-eval).
-    tr, te: (uint8 images of this process's shard, labels of the whole split). -> percent.
-    The augmented features of each epoch are gathered from all processes, so every process
+    train, test: (uint8 images of this process's shard, labels of the whole split). -> percent.
+    Each epoch's features are gathered from all processes (Appendix B), so every process
     trains the same classifier on the same data, exactly as one process would."""
-    gen = torch.Generator(device=mach.device).manual_seed(seed + 7919 * (mach.rank + 1))
+    gen = torch.Generator(device=machine.device).manual_seed(seed + PROBE_SEED_STRIDE * (machine.rank + 1))
     order_gen = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(feat_dim, num_classes).to(mach.device)
+    clf = nn.Linear(feat_dim, num_classes).to(machine.device)
     opt = torch.optim.SGD(clf.parameters(), lr=30.0, momentum=0.9, weight_decay=0.0)
-    n = len(tr[1])
+    n = len(train[1])
     steps = max(1, math.ceil(n / 256)) * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    labels = train[1].to(machine.device)
     encoder.eval()
-    for _ in tqdm(range(epochs), desc="linear probe", disable=not (progress and mach.main), leave=False):
-        feats = []
-        with torch.no_grad(), autocast(mach):
-            for xb in tr[0].split(1024):
-                xb = normalize(random_resized_crop_flip(to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"))
-                feats.append(encoder(xb.contiguous(memory_format=mem_format(mach))).float())
+    for _ in tqdm(range(epochs), desc="linear probe", disable=not (progress and machine.main), leave=False):
+        with torch.no_grad(), machine.autocast():
+            feats = [encoder(network_input(random_resized_crop_flip(
+                to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"), machine)).float()
+                for xb in train[0].split(1024)]
         feats = gather_shards(torch.cat(feats), n)
-        labels = tr[1].to(mach.device)
-        for idx in torch.randperm(n, generator=order_gen).to(mach.device).split(256):
+        for idx in torch.randperm(n, generator=order_gen).to(machine.device).split(256):
             loss = F.cross_entropy(clf(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    test_feats = gather_shards(encode(encoder, te[0], mach), len(te[1]))
+    test_feats = gather_shards(encode(encoder, test[0], machine), len(test[1]))
     with torch.no_grad():
         pred = clf(test_feats).argmax(1)
-    return 100.0 * (pred == te[1].to(mach.device)).float().mean().item()
+    return 100.0 * (pred == test[1].to(machine.device)).float().mean().item()
+
+
+@dataclass
+class DeviceImages:
+    """This process's images on its device, uint8 (under torchrun each process holds every
+    world-th image, Appendix B)."""
+    train_all: torch.Tensor  # all of this process's training images (linear-probe crops)
+    train: torch.Tensor  # the same, cut to equal shards (SSL steps: every process takes as many)
+    bank: torch.Tensor  # the evaluation view of the training images (the k-NN bank)
+    test: torch.Tensor  # the evaluation view of the test images
+    metric: torch.Tensor  # fixed training images for the projector metrics
+    n_metric: int  # their number over all processes
+
+
+def evaluate(net, data, images, cfg, machine):
+    """k-NN accuracy and collapse metrics of the current model. -> (percent, metrics)."""
+    share_buffers(net)  # under torchrun: BatchNorm statistics as on process 0 (Appendix B)
+    train_f = gather_shards(encode(net.encoder, images.bank, machine), len(data.train_y))
+    test_f = gather_shards(encode(net.encoder, images.test, machine), len(data.test_y))
+    acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_t)
+    metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine,
+                               images.n_metric)
+    if cfg.decorr == "zca" and metrics["normalized"]["std"] < 0.9:
+        ## A whitened axis has std sqrt(l / (l + eps m)) < 1 only where the group's eigenvalue
+        ## l is down at eps x its mean: the network has found that eps lets it drop directions.
+        print0(machine, f"warning: the whitened output is not white (per-axis std "
+                        f"{metrics['normalized']['std']:.2f}, should be 1): eps is damping directions "
+                        f"the network collapsed; try a smaller --eps")
+    return acc, metrics
 
 
 # =============================================================================================
@@ -1027,422 +909,377 @@ def linear_accuracy(encoder, feat_dim, tr, te, num_classes, epochs, mach, seed, 
 
 
 def lr_at(step, total, warmup, peak):
-    """Linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
+    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
     if step < warmup:
         return peak * step / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+# Random streams. Each is re-seeded from (seed, epoch, stream, rank) at the start of every
+# epoch, so a run resumed from a checkpoint draws exactly what the uninterrupted run would.
+# The mixing constants are primes larger than what they separate (ranks < 101, streams < 10,
+# epochs < 1,000,003), so two different tuples never share a seed.
+ORDER_STREAM, AUGMENT_STREAM = 1, 2
+
+
 def epoch_seed(cfg, epoch, rank=0, stream=0):
-    # Every random stream is re-seeded from (seed, epoch) at the start of each epoch, so a run
-    # resumed from a checkpoint draws exactly the numbers the uninterrupted run would have.
     return (cfg.seed * 1_000_003 + epoch) * 1009 + stream * 101 + rank
 
 
 class Diverged(Exception):
-    pass
+    """The loss became NaN or inf: main() stops with exit code 1 and names the last checkpoint."""
 
 
-def train_step(model, opt, sched, scaler, x, aug_gen, cfg, mach):
-    """One SGD step on a uint8 batch x: two augmented views, the Siamese loss, backward, update.
-    Returns the loss as a device tensor (reading it would wait for the GPU)."""
-    v1 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
-    v2 = augment(x, aug_gen).contiguous(memory_format=mem_format(mach))
-    with autocast(mach):
-        loss = siamese_loss(*model(v1, v2), kind=cfg.loss, stop_grad=cfg.stop_grad)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
+@dataclass
+class Trainer:
+    """Everything one SGD step touches. `step(x) -> loss` runs one step on a uint8 batch: the
+    eager train_step below, or its CUDA-graph replay (Appendix C)."""
+    cfg: argparse.Namespace
+    machine: Machine
+    net: SiameseNet
+    model: nn.Module  # net, or its DistributedDataParallel wrapper under torchrun
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # only active under --precision fp16
+    aug_gen: torch.Generator  # the augmentations' random stream, on the device
+    step_kind: str = "eager"  # or "graph"
+    step: object = None
+
+
+def build_trainer(cfg, machine, steps_per_epoch, step_kind="eager"):
+    """Model, SGD (lr x batch/256, warm-up then cosine, per step) and the augmentation stream."""
+    whiten = cfg.whiten if cfg.whiten != "auto" else "newton" if step_kind == "graph" else "eigh"
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg, whiten).to(machine.device, memory_format=machine.memory_format)
+    net, model = wrap_for_processes(net, cfg, machine)  # DDP and SyncBatchNorm (Appendix B)
+    peak_lr = cfg.lr * cfg.batch_size / 256
+    opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total, warm = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warm, 1.0))
+    scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.amp_dtype == torch.float16)
+    tr = Trainer(cfg, machine, net, model, opt, sched, scaler, torch.Generator(device=machine.device), step_kind)
+    tr.step = lambda x: train_step(tr, x)
+    return tr
+
+
+def sgd_step(tr, x):
+    """Two augmented views of the uint8 batch x (N x 3 x H x W), the Siamese loss, backward and
+    the SGD update. -> the loss, a device tensor (reading it would wait for the GPU).
+    Nothing in it waits for the host, so a CUDA graph can hold it whole (Appendix C)."""
+    v1 = augment(x, tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
+    v2 = augment(x, tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
+    with tr.machine.autocast():
+        loss = siamese_loss(*tr.model(v1, v2), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
+    tr.opt.zero_grad(set_to_none=True)
+    tr.scaler.scale(loss).backward()
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
     return loss.detach()
 
 
-def train_one_epoch(model, opt, sched, scaler, train_x, cfg, mach, epoch):
-    """One pass over this process's shard: two augmented views per image, the Siamese loss,
-    one SGD step per batch. -> (mean loss, images/s, seconds)."""
-    local_batch = cfg.batch_size // mach.world
-    steps = len(train_x) // local_batch  # drop_last, as the authors
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(epoch_seed(cfg, epoch, mach.rank, 1)))
-    order = order.to(mach.device)
-    aug_gen = torch.Generator(device=mach.device).manual_seed(epoch_seed(cfg, epoch, mach.rank, 2))
-    torch.manual_seed(epoch_seed(cfg, epoch))  # shuffles of GroupWhitening: identical on every process
-    model.train()
-    loss_sum = torch.zeros((), device=mach.device)
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and mach.main),
+def train_step(tr, x):
+    """One training step: sgd_step, then the learning-rate schedule. -> loss (device tensor)."""
+    loss = sgd_step(tr, x)
+    tr.sched.step()
+    return loss
+
+
+def current_lr(opt):
+    return float(opt.param_groups[0]["lr"])  # a float, or a 0-dim tensor in the graph step
+
+
+def train_one_epoch(tr, train_x, epoch):
+    """One pass over this process's images, one tr.step per batch. -> (mean loss, images/s)."""
+    cfg, machine = tr.cfg, tr.machine
+    batch = cfg.batch_size // machine.world
+    steps = len(train_x) // batch  # drop_last, as the authors
+    seed = lambda stream, rank=machine.rank: epoch_seed(cfg, epoch, rank, stream)
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed(ORDER_STREAM)))
+    order = order.to(machine.device)
+    tr.aug_gen.manual_seed(seed(AUGMENT_STREAM))
+    torch.manual_seed(seed(0, rank=0))  # the whitening's shuffles: the same on every process
+    tr.model.train()
+    loss_sum = torch.zeros((), device=machine.device)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and machine.main),
                leave=False, dynamic_ncols=True)
-    sync_time()
+    sync_device()
     t0 = time.perf_counter()
-    for step in bar:
-        x = train_x[order[step * local_batch:(step + 1) * local_batch]]
+    for i in bar:
         try:
-            loss_sum += train_step(model, opt, sched, scaler, x, aug_gen, cfg, mach)
-        except torch.linalg.LinAlgError:  # NaN/inf features reach the whitening before the loss check
-            raise Diverged(f"the whitening's eigendecomposition failed at epoch {epoch}, step {step + 1} "
+            loss_sum += tr.step(train_x[order[i * batch:(i + 1) * batch]])
+        except torch.linalg.LinAlgError:  # NaN/inf features reach eigh before the loss check
+            raise Diverged(f"the whitening's eigendecomposition failed at epoch {epoch}, step {i + 1} "
                            f"(non-finite or degenerate features)") from None
-        if step % 25 == 24 or step == steps - 1:  # .item() waits for the GPU: only now and then
-            mean = loss_sum.item() / (step + 1)
+        if i % 25 == 24 or i == steps - 1:  # .item() waits for the GPU: only now and then
+            mean = loss_sum.item() / (i + 1)
             if not math.isfinite(mean):
-                raise Diverged(f"loss is {mean} at epoch {epoch}, step {step + 1}")
-            bar.set_postfix(loss=f"{mean:.4g}", lr=f"{opt.param_groups[0]['lr']:.4g}",
-                            img_s=f"{(step + 1) * cfg.batch_size / (time.perf_counter() - t0):.0f}")
-    sync_time()
+                raise Diverged(f"loss is {mean} at epoch {epoch}, step {i + 1}")
+            bar.set_postfix(loss=f"{mean:.4g}", lr=f"{current_lr(tr.opt):.4g}",
+                            img_s=f"{(i + 1) * cfg.batch_size / (time.perf_counter() - t0):.0f}")
+    sync_device()
     seconds = time.perf_counter() - t0
-    return loss_sum.item() / max(1, steps), steps * cfg.batch_size / max(seconds, 1e-9), seconds
+    return loss_sum.item() / max(1, steps), steps * cfg.batch_size / max(seconds, 1e-9)
 
 
-def sync_time():
+def sync_device():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
-def evaluate(net, data, local, cfg, mach):
-    """k-NN accuracy and collapse metrics of the current model (every process takes part)."""
-    if distributed():  # BN running statistics as on process 0, whose checkpoint is the model
-        for b in net.buffers():
-            dist.broadcast(b, 0)
-    train_f = gather_shards(encode(net.encoder, local["bank_x"], mach), len(data.train_y))
-    test_f = gather_shards(encode(net.encoder, local["test_x"], mach), len(data.test_y))
-    acc = knn_accuracy(train_f, data.train_y, test_f, data.test_y, cfg.knn_k, cfg.knn_t)
-    metrics = measure_collapse(net, local["metric_x"], test_f, cfg.batch_size // mach.world, mach,
-                               local["metric_n"])
-    if cfg.decorr == "zca" and metrics["normalized"]["std"] < 0.9:
-        # A whitened axis has std sqrt(l / (l + eps m)) < 1 only where the group's eigenvalue l
-        # is down at eps x its mean: the network has found that eps lets it drop directions.
-        say(mach, f"warning: the whitened output is not white (per-axis std {metrics['normalized']['std']:.2f}, "
-                  f"should be 1): eps is damping directions the network collapsed; try a smaller --eps")
-    return acc, metrics
+def train(run):
+    """The training loop: evaluate the random network, then per epoch train, evaluate when
+    due, log, checkpoint. Every epoch is saved, so an interrupted run loses at most one.
+    -> (k-NN accuracy, collapse metrics) of the last evaluation, None if no epoch was left."""
+    cfg, tr = run.cfg, run.tr
+    final = None
+    run.t0 = time.perf_counter() - run.elapsed
+    if not run.resumed:  # epoch 0: the random network, the baseline every curve starts from
+        acc, metrics = evaluate(tr.net, run.data, run.images, cfg, run.machine)
+        log_epoch(run, {"epoch": 0, "loss": None, "lr": None, "images_per_s": None,
+                        "knn_acc": acc, "collapse": metrics})
+        save_checkpoint(run, 0)
+    for epoch in range(run.start + 1, cfg.epochs + 1):
+        check_graph_inputs(tr)  # Appendix C: nothing the graph holds was replaced
+        try:
+            loss, ips = train_one_epoch(tr, run.images.train, epoch)
+        except Diverged as e:
+            raise Diverged(f"{e}; the last good checkpoint is {run.path('checkpoint.pt')} "
+                           f"(epoch {epoch - 1}). Try a lower --lr") from None
+        row = {"epoch": epoch, "loss": loss, "lr": current_lr(tr.opt), "images_per_s": ips}
+        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+            final = evaluate(tr.net, run.data, run.images, cfg, run.machine)
+            row.update(knn_acc=final[0], collapse=final[1])
+        log_epoch(run, row)
+        save_checkpoint(run, epoch)
+    return final
 
 
 # =============================================================================================
-# 10. Benchmark: where the time of a training step goes (--benchmark)
+# 10. Main: settings -> machine -> data -> trainer (-> resume) -> train -> linear probe
 # =============================================================================================
 
 
-def seconds_per_call(fn, mach, calls, warmup=3):
-    """Mean seconds per call of fn after `warmup` untimed calls. On CUDA the work is
-    asynchronous, so the timed calls are bracketed by events on the GPU's own clock."""
-    for _ in range(warmup):
-        fn()
-    if mach.device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / calls
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    if mach.device.type == "mps":
-        torch.mps.synchronize()
-    return (time.perf_counter() - t0) / calls
+def setup_machine(cfg):
+    """The device (CUDA, else MPS, else CPU), the autocast precision, and the processes."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible")
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: Apple MPS is not available")
+    rank, world, local = process_ranks()
+    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
+        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
+        # backward) and the metrics', which need full precision; the network's run in bf16.
+        torch.backends.cuda.matmul.allow_tf32 = False
+    init_processes(device, world)
+    prec = cfg.precision
+    if prec == "auto":
+        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if prec != "fp32" and device.type != "cuda":
+        raise UsageError(f"--precision {prec} is only supported on CUDA here; use fp32")
+    return Machine(device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec], rank, world)
 
 
-def benchmark(cfg, mach):
-    """Times the full training step of this configuration (augmentation, both views, the
-    normalization layer, loss, backward, SGD) against the bare encoder+projector forward and
-    backward on the same two views with the same precision, and each part on its own, on random
-    images (their content does not change the speed). Also the cost of a k-NN evaluation of
-    50,000 + 10,000 images, from the measured eval-forward speed and a timed k-NN search.
-    Prints a table; returns {part: seconds} and the throughputs."""
-    b, calls = cfg.batch_size, cfg.benchmark_steps
-    dev = mach.device
-    x = torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg).to(dev, memory_format=mem_format(mach))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-5, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(dev.type, enabled=mach.amp_dtype == torch.float16)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    views = [augment(x, gen).contiguous(memory_format=mem_format(mach)) for _ in range(2)]
-    proj_out = [torch.randn(b, cfg.proj_dim, device=dev, requires_grad=True) for _ in range(2)]
-    eval_x = torch.randint(0, 256, (1024, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
-    bank, queries = torch.randn(50000, net.feat_dim, device=dev), torch.randn(10000, net.feat_dim, device=dev)
-    bank_y, query_y = torch.randint(0, 10, (50000,), device=dev), torch.randint(0, 10, (10000,), device=dev)
-
-    def bare():
-        net.zero_grad(set_to_none=True)
-        with autocast(mach):
-            loss = sum(net.projector(net.encoder(v)).float().square().mean() for v in views)
-        loss.backward()
-
-    def normalization():
-        with full_precision(proj_out[0]):
-            sum(net.norm(y).square().mean() for y in proj_out).backward()
-
-    net.train()
-    t = {"full training step": seconds_per_call(lambda: train_step(net, opt, sched, scaler, x, gen, cfg, mach), mach, calls),
-         "bare encoder+projector": seconds_per_call(bare, mach, calls),
-         "augmentation (2 views)": seconds_per_call(lambda: [augment(x, gen) for _ in range(2)], mach, calls),
-         "normalization layer (2 views)": seconds_per_call(normalization, mach, calls),
-         "optimizer step": seconds_per_call(opt.step, mach, calls),  # gradients left by bare()
-         "eval forward (1024 images)": seconds_per_call(lambda: encode(net.encoder, eval_x, mach), mach, max(1, calls // 10), 1),
-         "k-NN search (10k x 50k)": seconds_per_call(lambda: knn_accuracy(bank, bank_y, queries, query_y), mach, 1, 1)}
-    knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
-    ratio = t["bare encoder+projector"] / t["full training step"]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[mach.amp_dtype]
-    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten}, "
-                         f"{cfg.whiten_dtype})" if cfg.decorr == "zca" else "")
-    say(mach, f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, {name}, "
-              f"torch {torch.__version__}; mean of {calls} steps after 3 warm-up steps")
-    for part in list(t)[:5]:
-        say(mach, f"  {part:<32} {t[part] * 1e3:9.2f} ms {b / t[part]:10.0f} img/s")
-    parts = sum(t[p] for p in list(t)[1:5])
-    say(mach, f"  {'sum of the four parts':<32} {parts * 1e3:9.2f} ms   (the rest: loss, predictor, launch gaps)")
-    say(mach, f"  full step throughput = {ratio:.0%} of the bare model's")
-    say(mach, f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s "
-              f"(eval forward {1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
-    epoch = 50000 // b * t["full training step"]
-    say(mach, f"  a 50,000-image epoch at this speed: {epoch:.1f} s of training steps")
-    return {"seconds": t, "images_per_s": b / t["full training step"],
-            "bare_images_per_s": b / t["bare encoder+projector"], "step_vs_bare": ratio, "knn_pass_s": knn_pass}
-
-
-# =============================================================================================
-# 11. Plots (--plot): k-NN curves, effective rank and eigenvalue spectra of finished runs
-# =============================================================================================
-
-
-def plot_runs(run_dirs, path):
-    """Draws, from each run's log.jsonl (and results.json when the run finished), one colour
-    per run: k-NN accuracy over training; the effective rank of the projector output (solid)
-    and of the backbone (dashed) over training; their final covariance eigenvalue spectra,
-    normalized by the largest, on a log scale. Writes a PNG to `path` and returns it.
-    matplotlib is the one optional dependency, used only here."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib, which nothing else in fdsl uses: pip install matplotlib") from None
-    runs = []
-    for d in run_dirs:
-        rows = [r for r in read_log(os.path.join(d, "log.jsonl")) if "knn_acc" in r]
-        if not rows:
-            raise UsageError(f"--plot {d}: no evaluated epochs in {os.path.join(d, 'log.jsonl')}")
-        res_path = os.path.join(d, "results.json")
-        final = rows[-1]["collapse"]
-        if os.path.exists(res_path):
-            with open(res_path) as f:
-                final = json.load(f)["collapse"]
-        runs.append((os.path.basename(os.path.normpath(d)), rows, final))
-    fig, (ax_knn, ax_rank, ax_spec) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, (name, rows, final) in enumerate(runs):
-        epochs = [r["epoch"] for r in rows]
-        ax_knn.plot(epochs, [r["knn_acc"] for r in rows], "o-", ms=3, color=f"C{i}", label=name)
-        for stage, style in (("projector", "-"), ("backbone", "--")):
-            ax_rank.plot(epochs, [r["collapse"][stage]["eff_rank"] for r in rows], style, color=f"C{i}")
-            spectrum = [v for v in final[stage]["spectrum"] if v > 0]  # log scale: zeros have no place
-            ax_spec.semilogy(range(1, len(spectrum) + 1), spectrum, style, color=f"C{i}")
-    ax_knn.set(title="k-NN accuracy (backbone)", xlabel="epoch", ylabel="%")
-    ax_rank.set(title="effective rank: projector (solid), backbone (dashed)", xlabel="epoch")
-    ax_spec.set(title="final eigenvalue spectrum / largest", xlabel="index", ylim=(1e-8, 2))
-    ax_knn.legend(fontsize=8)
-    for ax in (ax_knn, ax_rank, ax_spec):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"fdsl: plot of {len(runs)} run(s) written to {path}")
-    return path
-
-
-# =============================================================================================
-# 12. Main: settings -> data -> model -> (resume) -> train, evaluate, checkpoint -> results
-# =============================================================================================
-
-
-def say(mach, *args):
-    if mach.main:
-        tqdm.write(" ".join(str(a) for a in args))
-        sys.stdout.flush()  # one row per epoch should reach a log file when it happens
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def read_log(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+RESUME_KEEPS = ("--resume", "--no-progress", "--device", "--no-graph")  # how to run, not what
 
 
 def resolve_config(argv):
+    """The flags; with --resume DIR, the run's saved settings instead."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
     if not cfg.resume:
         return cfg, False
-    others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in ("--resume", "--no-progress", "--device")]
+    others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in RESUME_KEEPS]
     if others:
         raise UsageError(f"--resume takes the run's saved settings; drop {' '.join(others)}")
-    ckpt = os.path.join(cfg.resume, "checkpoint.pt")
-    if not os.path.isfile(ckpt):
-        raise UsageError(f"--resume {cfg.resume}: no checkpoint.pt there")
+    for name in ("checkpoint.pt", "config.json"):
+        if not os.path.isfile(os.path.join(cfg.resume, name)):
+            raise UsageError(f"--resume {cfg.resume}: no {name} there, so it is not an fdsl run folder")
     resumed = parser.parse_args([])  # defaults first: a run saved before a flag existed still loads
-    with open(os.path.join(cfg.resume, "config.json")) as f:
-        vars(resumed).update(json.load(f))
-    vars(resumed).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device)
+    vars(resumed).update(read_json(os.path.join(cfg.resume, "config.json")))
+    vars(resumed).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device,
+                         graph=cfg.graph)
     return resumed, True
 
 
-HEADER = f"{'epoch':>5} {'loss':>10} {'lr':>9} {'img/s':>8} {'knn %':>6} | {'projector: std':>14} {'corr':>5} {'erank':>6} | {'time':>7}"
+@dataclass
+class Run:
+    """A training run: its settings, machine, data, trainer and folder."""
+    cfg: argparse.Namespace
+    machine: Machine
+    data: Data
+    images: DeviceImages
+    tr: Trainer
+    resumed: bool = False
+    start: int = 0  # the last finished epoch (0: only the random network evaluated)
+    elapsed: float = 0.0  # seconds of this run so far, earlier sessions included
+    t0: float = 0.0
+
+    def path(self, name):
+        return os.path.join(self.cfg.out, name)
 
 
-def run(cfg, resuming):
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.benchmark and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--benchmark times one process; run it without torchrun")
-    if cfg.plot:
-        return plot_runs(cfg.plot, cfg.out or "plot.png")
-    mach = setup_machine(cfg)
-    if cfg.benchmark:
-        return benchmark(cfg, mach)
-    if mach.device.type == "cpu":
-        say(mach, "note: running on the CPU: fine for --arch small and subsets, very slow for a full run")
-    # Output folder: chosen by process 0, shared with the others.
-    out = [cfg.out or os.path.join("runs", f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}")]
-    if distributed():
-        dist.broadcast_object_list(out, 0)
-    cfg.out = out[0]
-    ckpt_path, log_path = os.path.join(cfg.out, "checkpoint.pt"), os.path.join(cfg.out, "log.jsonl")
-    if not resuming and os.path.exists(ckpt_path):
+def images_on_device(data, cfg, machine):
+    """This process's shard of the images, moved to its device once (see DeviceImages)."""
+    r, w = machine.rank, machine.world
+    n_metric = min(cfg.metric_samples, len(data.train_y)) // cfg.batch_size * cfg.batch_size or cfg.batch_size
+    metric_idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:n_metric]
+    view = (lambda x: x) if cfg.raw_eval else eval_transform
+    train_all = data.train_x[r::w].to(machine.device)
+    return DeviceImages(train_all=train_all, train=train_all[: len(data.train_y) // w],
+                        bank=train_all if cfg.raw_eval else view(data.train_x[r::w]).to(machine.device),
+                        test=view(data.test_x[r::w]).to(machine.device),
+                        metric=data.train_x[metric_idx][r::w].to(machine.device), n_metric=n_metric)
+
+
+def start_run(cfg, machine, resuming):
+    """Run folder, data, trainer; with --resume, the checkpoint's state; then the step."""
+    if machine.device.type == "cpu":
+        print0(machine, "note: running on the CPU: fine for --arch small and subsets, very slow for a full run")
+    cfg.out = shared_value(cfg.out or os.path.join("runs", f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if not resuming and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
-
     data = load_data(cfg)
     if len(data.train_y) < cfg.batch_size:
         raise UsageError(f"only {len(data.train_y)} training images for a batch of {cfg.batch_size}")
-    r, w = mach.rank, mach.world
-    # Each process keeps its shard (every world-th image: class-balanced even when sorted) on
-    # its device. Labels are tiny and stay whole on every process.
-    n_metric = min(cfg.metric_samples, len(data.train_y)) // cfg.batch_size * cfg.batch_size or cfg.batch_size
-    metric_idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:n_metric]
-    # train_all: training images as they are (SSL steps, linear-probe crops); bank_x, test_x:
-    # the evaluation view of the training and test images (k-NN, linear-probe test).
-    train, test = data.train_x[r::w], data.test_x[r::w]
-    local = {"train_all": train.to(mach.device), "metric_x": data.train_x[metric_idx][r::w].to(mach.device),
-             "metric_n": n_metric, "test_x": (test if cfg.raw_eval else eval_transform(test)).to(mach.device)}
-    local["bank_x"] = local["train_all"] if cfg.raw_eval else eval_transform(train).to(mach.device)
-    local["train_x"] = local["train_all"][: len(data.train_y) // w]  # equal shards: every process takes the same steps
-
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg).to(mach.device, memory_format=mem_format(mach))
-    model = net
-    if distributed():
-        if cfg.sync_bn and mach.device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        elif cfg.sync_bn:
-            say(mach, "note: SyncBatchNorm needs CUDA; on CPU each process's BatchNorm uses its own slice "
-                      "(the normalization layer after the projector is still synchronized)")
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[mach.device.index] if mach.device.type == "cuda" else None)
-    peak_lr = cfg.lr * cfg.batch_size / 256
-    opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(local["train_x"]) // (cfg.batch_size // w)
-    total, warm = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warm, 1.0))
-    scaler = torch.amp.GradScaler(mach.device.type, enabled=mach.amp_dtype == torch.float16)
-
-    start, elapsed = 0, 0.0
+    images = images_on_device(data, cfg, machine)
+    kind, why = choose_step(cfg, machine)  # Appendix C
+    if why:
+        print0(machine, f"note: {why}")
+    batch = cfg.batch_size // machine.world
+    tr = build_trainer(cfg, machine, len(images.train) // batch, kind)
+    run = Run(cfg, machine, data, images, tr, resumed=resuming)
     if resuming:
-        state = torch.load(ckpt_path, map_location=mach.device, weights_only=False)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start, elapsed = state["epoch"], state["elapsed"]
-        if mach.main:  # rows written after the checkpoint are redone: drop them
-            rows = [row for row in read_log(log_path) if row["epoch"] <= start]
-            with open(log_path, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        say(mach, f"resuming {cfg.out} after epoch {start}")
-    elif mach.main:
+        state = load_checkpoint(run.path("checkpoint.pt"), machine.device)
+        for part, obj in (("model", tr.net), ("optimizer", tr.opt), ("scheduler", tr.sched), ("scaler", tr.scaler)):
+            obj.load_state_dict(state[part])
+        run.start, run.elapsed = state["epoch"], state["elapsed"]
+    make_step(tr, (batch, *images.train.shape[1:]))  # after the loads: a graph keeps its tensors
+    if machine.main:
+        rows = [row for row in read_log(run.path("log.jsonl")) if row["epoch"] <= run.start] if resuming else []
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(vars(cfg), f, indent=2)
-        open(log_path, "w").close()  # a run that died before its first checkpoint left rows here
-    say(mach, f"fdsl: {cfg.dataset} ({len(data.train_y)} train / {len(data.test_y)} test), {cfg.arch}, "
-              f"decorr={cfg.decorr}" + (f" groups={cfg.groups} shuffle={cfg.shuffle}" if cfg.decorr == "zca" else "")
-              + f", batch {cfg.batch_size}, lr {peak_lr:.4g}, {cfg.epochs} epochs on {mach.device}"
-              + (f" x{w} processes" if w > 1 else "") + f" -> {cfg.out}")
-    say(mach, HEADER)
+        write_atomic(run.path("log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))  # drop redone rows
+        write_atomic(run.path("config.json"), json.dumps({**vars(cfg), **step_record(tr)}, indent=2))
+    return run
 
-    def checkpoint(epoch):
-        if mach.main:
-            save_atomic({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "elapsed": elapsed, "config": vars(cfg)},
-                        ckpt_path)
 
-    def log(row):
-        if mach.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            p = row.get("collapse", {}).get("projector")
-            knn = f"{row['knn_acc']:6.2f}" if "knn_acc" in row else " " * 6
-            proj = f"{p['std']:14.4g} {p['corr_strength']:5.2f} {p['eff_rank']:6.1f}" if p else " " * 27
-            loss = f"{row['loss']:10.4g}" if row.get("loss") is not None else " " * 10
-            lr = f"{row['lr']:9.3g}" if row.get("lr") is not None else " " * 9
-            ips = f"{row['images_per_s']:8.0f}" if row.get("images_per_s") else " " * 8
-            say(mach, f"{row['epoch']:5d} {loss} {lr} {ips} {knn} | {proj} | {row['time']:7.1f}")
+def describe(run):
+    cfg, m = run.cfg, run.machine
+    norm = f"decorr={cfg.decorr}" + (f" groups={cfg.groups} shuffle={cfg.shuffle}" if cfg.decorr == "zca" else "")
+    return (f"fdsl: {cfg.dataset} ({len(run.data.train_y)} train / {len(run.data.test_y)} test), {cfg.arch}, "
+            f"{norm}, batch {cfg.batch_size}, lr {cfg.lr * cfg.batch_size / 256:.4g}, {cfg.epochs} epochs on "
+            f"{m.device}" + (f" x{m.world} processes" if m.world > 1 else "") + f", {run.tr.step_kind} step"
+            + f" -> {cfg.out}")
 
-    t_run = time.perf_counter() - elapsed
-    if not resuming:  # epoch 0: the random network, the baseline every curve starts from
-        acc, metrics = evaluate(net, data, local, cfg, mach)
-        elapsed = time.perf_counter() - t_run
-        log({"epoch": 0, "loss": None, "lr": None, "images_per_s": None, "time": elapsed, "knn_acc": acc, "collapse": metrics})
-        checkpoint(0)
-    acc = metrics = None
-    for epoch in range(start + 1, cfg.epochs + 1):
-        try:
-            loss, ips, _ = train_one_epoch(model, opt, sched, scaler, local["train_x"], cfg, mach, epoch)
-        except Diverged as e:
-            raise Diverged(f"{e}; the last good checkpoint is {ckpt_path} (epoch {epoch - 1}). "
-                           f"Try a lower --lr") from None
-        row = {"epoch": epoch, "loss": loss, "lr": opt.param_groups[0]["lr"], "images_per_s": ips}
-        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
-            acc, metrics = evaluate(net, data, local, cfg, mach)
-            row.update(knn_acc=acc, collapse=metrics)
-        elapsed = time.perf_counter() - t_run
-        row["time"] = elapsed
-        log(row)
-        checkpoint(epoch)
 
-    if acc is None:  # resumed a finished run: measure the final state again
-        acc, metrics = evaluate(net, data, local, cfg, mach)
-    rows = read_log(log_path) if mach.main else []  # the log spans every session of a resumed run
+HEADER = (f"{'epoch':>5} {'loss':>10} {'lr':>9} {'img/s':>8} {'knn %':>6} | "
+          f"{'projector: std':>14} {'corr':>5} {'erank':>6} | {'time':>7}")
+
+
+def log_epoch(run, row):
+    """Appends a row to log.jsonl and prints it as a line of the table."""
+    run.elapsed = row["time"] = time.perf_counter() - run.t0
+    if not run.machine.main:
+        return
+    with open(run.path("log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    p = row.get("collapse", {}).get("projector")
+    cell = lambda key, fmt, width: format(row[key], fmt) if row.get(key) is not None else " " * width
+    proj = f"{p['std']:14.4g} {p['corr_strength']:5.2f} {p['eff_rank']:6.1f}" if p else " " * 27
+    print0(run.machine, f"{row['epoch']:5d} {cell('loss', '10.4g', 10)} {cell('lr', '9.3g', 9)} "
+                        f"{cell('images_per_s', '8.0f', 8)} {cell('knn_acc', '6.2f', 6)} | {proj} | {row['time']:7.1f}")
+
+
+def save_checkpoint(run, epoch):
+    """model, optimizer, schedule, loss scaler, epoch and settings, after every epoch."""
+    if run.machine.main:
+        tr = run.tr
+        state = {"model": tr.net.state_dict(), "optimizer": portable(tr.opt.state_dict()),
+                 "scheduler": tr.sched.state_dict(), "scaler": tr.scaler.state_dict(), "epoch": epoch,
+                 "elapsed": run.elapsed, "config": vars(run.cfg)}
+        tmp = run.path("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, run.path("checkpoint.pt"))  # a crash mid-write keeps the previous one
+
+
+def load_checkpoint(path, device):
+    """A checkpoint read as data: torch.load(weights_only=True) accepts tensors, numbers,
+    strings, lists and dicts only, so a checkpoint someone shared cannot run code here."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for objects, RuntimeError/EOFError if damaged
+        refused = "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"
+        why = ("it holds objects other than tensors and numbers, which could run code; refused"
+               if refused else f"damaged or not a checkpoint ({type(e).__name__})")
+        raise UsageError(f"{path}: {why}") from None
+    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
+    return state
+
+
+def finish_run(run, final):
+    """Linear probe and results.json. final: train()'s last evaluation, or None (a run resumed
+    after its last epoch, interrupted in the probe), which measures the final state again."""
+    cfg, tr, machine = run.cfg, run.tr, run.machine
+    acc, metrics = final or evaluate(tr.net, run.data, run.images, cfg, machine)
+    rows = read_log(run.path("log.jsonl")) if machine.main else []  # every session of the run
     speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
     results = {"knn_acc": acc, "collapse": metrics, "epochs": cfg.epochs,
                "images_per_s": sum(speeds) / len(speeds) if speeds else None,
-               "knn_curve": [[r["epoch"], r["knn_acc"]] for r in rows if "knn_acc" in r]}
+               "knn_curve": [[r["epoch"], r["knn_acc"]] for r in rows if "knn_acc" in r], **step_record(tr)}
     if cfg.linear_epochs > 0:
         t0 = time.perf_counter()
         results["linear_acc"] = linear_accuracy(
-            net.encoder, net.feat_dim, (local["train_all"], data.train_y), (local["test_x"], data.test_y),
-            len(data.classes), cfg.linear_epochs, mach, cfg.seed, cfg.progress)
+            tr.net.encoder, tr.net.feat_dim, (run.images.train_all, run.data.train_y),
+            (run.images.test, run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
+            cfg.progress)
         results["linear_time_s"] = time.perf_counter() - t0
-        say(mach, f"linear probe ({cfg.linear_epochs} epochs): {results['linear_acc']:.2f}%")
-    results["time_s"] = time.perf_counter() - t_run
-    results["device"] = str(mach.device) + (f" x{w}" if w > 1 else "")
-    if mach.main:
-        with open(os.path.join(cfg.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        say(mach, f"k-NN {acc:.2f}% after {cfg.epochs} epochs, {results['time_s']:.0f} s; results in {cfg.out}/results.json")
+        print0(machine, f"linear probe ({cfg.linear_epochs} epochs): {results['linear_acc']:.2f}%")
+    results["time_s"] = time.perf_counter() - run.t0
+    results["device"] = str(machine.device) + (f" x{machine.world}" if machine.world > 1 else "")
+    if machine.main:
+        write_atomic(run.path("results.json"), json.dumps(results, indent=2))
+        print0(machine, f"k-NN {acc:.2f}% after {cfg.epochs} epochs, {results['time_s']:.0f} s; "
+                        f"results in {run.path('results.json')}")
     return results
+
+
+def run(cfg, resuming):
+    check_config(cfg, process_ranks()[1])
+    if cfg.plot:
+        return plot_runs(cfg.plot, cfg.out)
+    if cfg.benchmark and process_ranks()[1] > 1:
+        raise UsageError("--benchmark times one process; run it without torchrun")
+    machine = setup_machine(cfg)
+    if cfg.benchmark:
+        return benchmark(cfg, machine)
+    if resuming and os.path.isfile(os.path.join(cfg.out, "results.json")):
+        results = read_json(os.path.join(cfg.out, "results.json"))
+        print0(machine, f"fdsl: {cfg.out} is a finished run ({cfg.epochs} epochs, k-NN {results.get('knn_acc', 0):.2f}%); "
+                        f"a finished run cannot be extended: start a new one with more --epochs")
+        return results
+    r = start_run(cfg, machine, resuming)
+    if resuming:
+        print0(machine, f"resuming {cfg.out} after epoch {r.start}")
+    print0(machine, describe(r))
+    print0(machine, HEADER)
+    return finish_run(r, train(r))
 
 
 def main(argv=None):
     """Command line entry point. Returns the results dict (also written to OUT/results.json):
     knn_acc (percent), linear_acc (when run), collapse (final metrics by stage), images_per_s,
-    epochs, knn_curve, time_s; with --benchmark, the timings instead. Bad input: one line on
-    stderr, exit code 2."""
+    epochs, knn_curve, time_s, train_step, whiten; with --benchmark, the timings instead.
+    Bad input: one line on stderr, exit code 2. A diverged run: exit 1. Ctrl-C: exit 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = process_ranks()[0] != 0
     cfg = None
     try:
         cfg, resuming = resolve_config(argv)
@@ -1459,12 +1296,622 @@ def main(argv=None):
         if not quiet:
             out = getattr(cfg, "out", "")
             saved = out and os.path.exists(os.path.join(out, "checkpoint.pt"))
-            print("\nfdsl: interrupted; " + (f"finished epochs are saved; continue with: fdsl.py --resume {out}"
+            print("\nfdsl: interrupted; " + (f"finished epochs are saved; continue with: python fdsl.py --resume {out}"
                                              if saved else "no epoch was finished, nothing to resume"), file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_processes()
+
+
+# =============================================================================================
+# Appendix A. Numerics of C^(-1/2)                          (skippable: the method is above)
+# How the whitening matrix is computed, accurately and with finite gradients. Two methods
+# give the same W: eigh (exact; the reference) and Newton-Schulz (matrix products only, so a
+# CUDA graph can hold it). In float64 they agree to 1e-8 or better (tests).
+# =============================================================================================
+
+
+def whitening_eps(eps, size, dtype):
+    """The relative eps a group of `size` axes gets in `dtype`: at least size x machine epsilon.
+    Rounding moves the eigenvalues of C / m (the largest is at most S) by about that much, so a
+    smaller eps would not keep them positive (float32 Newton-Schulz turned NaN on
+    rank-deficient groups): 3.8e-6 for 32 axes in float32, 7e-15 in float64."""
+    return max(eps, size * torch.finfo(dtype).eps)
+
+
+def inverse_sqrt(a, floor, method="eigh"):
+    """A^(-1/2) for symmetric positive definite matrices a: ... x S x S whose eigenvalues are
+    at least `floor` in exact arithmetic (whitening_matrix guarantees it)."""
+    if method == "eigh":
+        return _InvSqrtEigh.apply(a, floor)
+    return inverse_sqrt_newton(a, newton_iterations(a.shape[-1], floor))
+
+
+def small_eigh(a, eigenvalues_only=False):
+    """torch.linalg.eigh / eigvalsh for the small symmetric matrices of this file (32x32 groups,
+    a 512x512 covariance). On the CPU it runs single-threaded: MKL's threaded eigensolver on such
+    sizes was measured 25 to 500 times slower than one thread on a 2-core machine."""
+    fn = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh
+    if a.device.type == "mps":  # no eigensolver on Apple GPUs: solve on the CPU (differentiably)
+        out = small_eigh(a.cpu(), eigenvalues_only)
+        return out.to(a.device) if eigenvalues_only else tuple(t.to(a.device) for t in out)
+    if a.device.type != "cpu" or torch.get_num_threads() == 1:
+        return fn(a)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _InvSqrtEigh(torch.autograd.Function):
+    # A^(-1/2) by eigendecomposition, with the gradient in closed form instead of autograd
+    # through eigh. For A = U diag(l) U^T and W = U diag(l^-1/2) U^T (Daleckii-Krein):
+    #     dL/dA = U (K o U^T sym(dL/dW) U) U^T,   K_ij = (l_i^-1/2 - l_j^-1/2) / (l_i - l_j)
+    #                                                 = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(l).
+    # The second form has no 1/(l_i - l_j): repeated eigenvalues (duplicated axes, rank-deficient
+    # groups) give a finite gradient, where autograd through eigh's eigenvectors gives inf/NaN.
+    @staticmethod
+    def forward(ctx, a, floor):
+        evals, evecs = small_eigh(a)
+        # In exact arithmetic every eigenvalue is >= floor (= eps); rounding can push the
+        # smallest below it, or below 0 in float32. Clamping undoes only that rounding.
+        s = evals.clamp_min(floor).sqrt()
+        ctx.save_for_backward(evecs, s)
+        return (evecs / s.unsqueeze(-2)) @ evecs.mT
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, s = ctx.saved_tensors
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        k = -1.0 / (si * sj * (si + sj))
+        g = u.mT @ (0.5 * (grad + grad.mT)) @ u
+        return u @ (k * g) @ u.mT, None
+
+
+def newton_iterations(size, eps, tol=1e-15):
+    """How many coupled Newton-Schulz steps reach A^(-1/2) for every matrix the layer can meet.
+    The iteration acts on each eigenvalue of A / tr(A) alone: with p = y*z, p <- p (3 - p)^2 / 4,
+    and the relative error of z is (1 - p) / 2. After the relative eps, tr(A) = size (1 + eps)
+    and every eigenvalue is >= eps, so p starts at >= eps / (size (1 + eps)): run the scalar
+    recurrence from there until 1 - p < tol. A count fixed by (size, eps), never by the data
+    (32 for 32 axes at eps 1e-8, 35 for 256)."""
+    p, steps = eps / (size * (1 + eps)), 0
+    while 1 - p > tol:
+        p, steps = p * (3 - p) ** 2 / 4, steps + 1
+    return steps
+
+
+def inverse_sqrt_newton(a, steps):
+    """A^(-1/2) for a batch of symmetric positive definite ... x S x S matrices by the coupled
+    Newton-Schulz iteration (Higham 2008, eq. 6.35), written with the residual R = (I - ZY) / 2:
+        Y_0 = A / tr(A),  Z_0 = I,   Y <- Y + Y R,   Z <- Z + R Z     (Y -> A^(1/2), Z -> A^(-1/2))
+    Only matrix products: no eigh, no .item(), no data-dependent branch, so it runs inside a
+    CUDA graph, and autograd differentiates through the steps. Y and Z are kept symmetric,
+    which halves the float32 rounding error. In float32 on CUDA it needs TF32 matmuls off
+    (10-bit mantissas): setup_machine() turns them off for the whole run, backward included.
+    In float32 it leaks about 2e-3 (relative) of output into the null directions of an exactly
+    rank-deficient group, where eigh leaks 3e-4: the iteration's rounding floor at a fixed
+    point with eps^(-1/2)-sized entries (README). float64, the default, has no such leak."""
+    size = a.shape[-1]
+    eye = torch.eye(size, dtype=a.dtype, device=a.device)
+    trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    y, z = a / trace, eye.expand_as(a)
+    for _ in range(steps):
+        r = 0.5 * (eye - z @ y)
+        yr, rz = y @ r, r @ z
+        y, z = y + 0.5 * (yr + yr.mT), z + 0.5 * (rz + rz.mT)
+    return z * trace.rsqrt()
+
+
+# =============================================================================================
+# Appendix B. Several GPUs                                  (skippable: one process needs none)
+# One process per GPU under torchrun. Each holds every world-th image; the whitening sums its
+# statistics over all processes (the global batch), the evaluations gather features from all.
+# Every function here is a no-op, or returns its input, in a single process.
+# =============================================================================================
+
+
+def process_ranks():
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) without it."""
+    env = os.environ.get
+    return int(env("RANK", "0")), int(env("WORLD_SIZE", "1")), int(env("LOCAL_RANK", "0"))
+
+
+def init_processes(device, world):
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def end_processes():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllReduceSum(torch.autograd.Function):
+    # y = sum_r x_r on every process. Each process's loss depends on y, so the gradient of the
+    # total loss with respect to x_r is the sum over processes of dL_r/dy: all-reduce it too.
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(t):
+    """Sum of t over all processes, differentiable, so a statistic of the global batch gets the
+    same gradient as on one GPU. (torch.distributed.nn's version is deprecated since 2.x.)"""
+    return _AllReduceSum.apply(t) if distributed() else t
+
+
+def gather_shards(t, n_total):
+    """Inverse of `x[rank::world]`: every process gets the rows of all processes, in the
+    original order. Used for features, so k-NN and linear evaluation see the whole set."""
+    if not distributed():
+        return t
+    world = dist.get_world_size()
+    size = -(-n_total // world)
+    padded = torch.zeros(size, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(n_total, *t.shape[1:], dtype=t.dtype, device=t.device)
+    for r, part in enumerate(parts):
+        out[r::world] = part[: len(range(r, n_total, world))]
+    return out
+
+
+def shared_value(value):
+    """Process 0's value on every process (the run folder's name, say)."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def share_buffers(net):
+    """Every process takes process 0's buffers (BatchNorm running statistics), whose checkpoint
+    is the model, before an evaluation."""
+    if distributed():
+        for b in net.buffers():
+            dist.broadcast(b, 0)
+
+
+def wrap_for_processes(net, cfg, machine):
+    """(net, model): under torchrun, SyncBatchNorm on CUDA (unless --no-sync-bn) and the
+    DistributedDataParallel wrapper that averages gradients; (net, net) in one process."""
+    if not distributed():
+        return net, net
+    if cfg.sync_bn and machine.device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    elif cfg.sync_bn:
+        print0(machine, "note: SyncBatchNorm needs CUDA; on CPU each process's BatchNorm uses its own "
+                        "slice (the normalization layer after the projector is still synchronized)")
+    ids = [machine.device.index] if machine.device.type == "cuda" else None
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+# =============================================================================================
+# Appendix C. The fast path: the training step as one CUDA graph      (skippable: same step)
+# Eagerly, a step on a GPU is hundreds of small kernels, each launched from Python: on one
+# H200 the default step took 32.5 ms, of which the GPU was busy about 4 ms. A CUDA graph
+# records the whole step once and replays it with one launch. What that asks of the step,
+# and how sgd_step meets it: nothing waits for the host (Newton-Schulz, not eigh; no .item());
+# the same tensors every time (the batch is copied into a fixed buffer; parameters, buffers,
+# momentum and the learning rate change in place, never get replaced); random numbers only
+# from generators the graph knows (re-seeded per epoch, a replay draws the same numbers as
+# eager code would, so --resume stays exact).
+# =============================================================================================
+
+WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD creates its state
+
+
+def choose_step(cfg, machine):
+    """("graph" or "eager", None or a one-line reason why the graph is not used)."""
+    if machine.device.type != "cuda" or not cfg.graph:
+        return "eager", None
+    if machine.world > 1:
+        why = "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"
+    elif machine.amp_dtype == torch.float16:
+        why = "--precision fp16 needs a loss scaler that reads the GPU every step: eager step"
+    elif cfg.decorr == "zca" and cfg.whiten == "eigh":
+        why = "--whiten eigh waits for the host, which a CUDA graph cannot hold: eager step"
+    elif not (hasattr(torch.cuda.CUDAGraph, "register_generator_state") or torch_version() >= (2, 14)):
+        why = f"torch {torch.__version__} cannot replay the augmentation's generator in a graph: eager step"
+    else:
+        return "graph", None
+    return "eager", why
+
+
+def torch_version():
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def make_step(tr, batch_shape):
+    """Sets tr.step: the graph replay where tr.step_kind is "graph", else the eager train_step.
+    If the capture fails, one line says why and the eager step goes on from the same state."""
+    if tr.step_kind == "graph":
+        try:
+            tr.step = graphed_step(tr, batch_shape)
+            return
+        except Exception as e:
+            tr.step_kind = "eager"
+            if tr.cfg.whiten == "auto" and isinstance(tr.net.norm, GroupWhitening):
+                tr.net.norm.method = "eigh"  # the same W, and eagerly the faster way
+            reason = (str(e).strip().splitlines() or [""])[0][:160]
+            print0(tr.machine, f"note: the CUDA graph could not be captured ({type(e).__name__}: {reason}); "
+                               f"continuing with the eager step")
+    tr.step = lambda x: train_step(tr, x)
+
+
+def graphed_step(tr, batch_shape, capture=True):
+    """train_step as one CUDA graph, with its contract: step(x) -> loss for a uint8 batch x.
+    step copies x into the graph's input buffer, replays augmentation, forward, loss, backward
+    and SGD, then steps the schedule outside the graph (it fills the learning-rate tensor in
+    place). The warm-up steps are undone: training goes on from exactly the state it had.
+    capture=False does all of this but calls sgd_step eagerly, which the CPU tests check."""
+    device = tr.machine.device
+    static_x = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
+    saved = save_state(tr)
+    graph_optimizer(tr.opt, device)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            warm_up(lambda: sgd_step(tr, static_x), device)
+        static_loss, replay = capture_graph(lambda: sgd_step(tr, static_x), [tr.aug_gen]) if capture else (None, None)
+    except BaseException:
+        restore_state(tr, saved)
+        eager_optimizer(tr.opt)
+        raise
+    restore_state(tr, saved)
+
+    def step(x):
+        static_x.copy_(x)
+        if replay is None:
+            loss = sgd_step(tr, static_x)
+        else:
+            replay()
+            loss = static_loss
+        tr.sched.step()
+        return loss.clone()  # the next replay overwrites static_loss
+
+    step.holds = graph_inputs(tr)
+    return step
+
+
+def warm_up(fn, device, steps=WARMUP_STEPS):
+    """Eager calls of fn before its capture, on a side stream as CUDA graphs require."""
+    if device.type != "cuda":
+        for _ in range(steps):
+            fn()
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(steps):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture_graph(fn, generators=()):
+    """Records fn() once as a CUDA graph. -> (fn's output, replay function). A generator other
+    than the default must be registered with the graph on torch 2.11; newer torch registers it
+    by itself and deprecates the call (a no-op there), hence the silenced warning."""
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        if hasattr(graph, "register_generator_state"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        out = fn()
+    return out, graph.replay
+
+
+def save_state(tr):
+    """Copies of what a step changes: parameters, buffers (BatchNorm statistics), momentum."""
+    tensors = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers())]
+    momentum = {p: s["momentum_buffer"].clone() for p, s in tr.opt.state.items()
+                if torch.is_tensor(s.get("momentum_buffer"))}
+    return tensors, momentum
+
+
+def restore_state(tr, saved):
+    """Puts the copies back into the same tensors (a graph holds their addresses). A momentum
+    buffer made by the warm-up is zeroed: SGD's next step then sets it to the gradient, as it
+    does on a first step."""
+    tensors, momentum = saved
+    with torch.no_grad():
+        for t, copy in tensors:
+            t.copy_(copy)
+        for p, s in tr.opt.state.items():
+            if torch.is_tensor(s.get("momentum_buffer")):
+                s["momentum_buffer"].copy_(momentum[p]) if p in momentum else s["momentum_buffer"].zero_()
+
+
+def graph_optimizer(opt, device):
+    """SGD as a graph can hold it: the learning rate a 0-dim tensor on the device (LambdaLR
+    fills it in place between replays) and, on CUDA, the fused kernel (foreach SGD breaks
+    the capture)."""
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        if device.type == "cuda":
+            g["fused"], g["foreach"] = True, False
+
+
+def eager_optimizer(opt):
+    for g in opt.param_groups:
+        g["lr"], g["fused"], g["foreach"] = float(g["lr"]), None, None
+
+
+def portable(opt_state):
+    """An optimizer state dict as the eager step has it (a float learning rate, the default
+    kernel), so a checkpoint of either step resumes with either, on any device."""
+    for g in opt_state["param_groups"]:
+        g["lr"], g["fused"], g["foreach"] = float(g["lr"]), None, None
+    return opt_state
+
+
+def graph_inputs(tr):
+    """Addresses of every tensor the graph reads or updates in place."""
+    momentum = [s["momentum_buffer"] for s in tr.opt.state.values() if torch.is_tensor(s.get("momentum_buffer"))]
+    lrs = [g["lr"] for g in tr.opt.param_groups if torch.is_tensor(g["lr"])]
+    return [t.data_ptr() for t in (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs)]
+
+
+def check_graph_inputs(tr):
+    # A parameter, buffer or optimizer tensor replaced after capture (a load_state_dict of the
+    # optimizer, say) is silently cut off from the graph: training would go on without it.
+    held = getattr(tr.step, "holds", None)
+    if held is not None and held != graph_inputs(tr):
+        raise RuntimeError("a tensor the CUDA graph updates was replaced after capture; "
+                           "load every state before make_step()")
+
+
+def step_record(tr):
+    """Which step and whitening ran: written to config.json and results.json."""
+    norm = tr.net.norm
+    whitens = isinstance(norm, GroupWhitening) and norm.groups < norm.num_features
+    return {"train_step": tr.step_kind, "whiten_method": norm.method if whitens else None}
+
+
+# =============================================================================================
+# Appendix D. Tools: --benchmark, --plot, run files          (skippable: not part of training)
+# =============================================================================================
+
+
+def seconds_per_call(fn, machine, calls, warmup=3):
+    """Mean seconds per call of fn after `warmup` untimed calls. On CUDA the work is
+    asynchronous, so the timed calls are bracketed by events on the GPU's own clock."""
+    for _ in range(warmup):
+        fn()
+    if machine.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if machine.device.type == "mps":
+        torch.mps.synchronize()
+    return (time.perf_counter() - t0) / calls
+
+
+def bare_model(tr, x):
+    """Encoder and projector forward and backward on two views, nothing else: the floor a
+    training step is compared with."""
+    views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
+
+    def bare():
+        tr.net.zero_grad(set_to_none=True)
+        with tr.machine.autocast():
+            loss = sum(tr.net.project(v).float().square().mean() for v in views)
+        loss.backward()
+    return bare
+
+
+def benchmark(cfg, machine):
+    """Times, on random images (their content does not change the speed): the full training
+    step, eager and as a CUDA graph; the bare encoder+projector, eager and graphed (the floor);
+    the eager parts; the seconds from the start to the first graphed step (model, warm-up,
+    capture); a 50,000-image epoch; a k-NN pass over 50,000 + 10,000 images. Prints a table;
+    returns the figures."""
+    t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
+    time_it = lambda fn, calls=cfg.benchmark_steps: seconds_per_call(fn, machine, calls)
+    x = torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
+    t, first_step, kind = {}, None, choose_step(cfg, machine)[0]
+    if kind == "graph":
+        tg = build_trainer(cfg, machine, 50000 // b, "graph")
+        make_step(tg, x.shape)
+        tg.step(x)
+        sync_device()
+        first_step = time.perf_counter() - t_start
+        if tg.step_kind == "graph":
+            t["graphed full step"] = time_it(lambda: tg.step(x))
+            bare = bare_model(tg, x)
+            warm_up(bare, dev)
+            t["graphed bare encoder+projector"] = time_it(capture_graph(bare)[1])
+    te = build_trainer(cfg, machine, 50000 // b, "eager")
+    make_step(te, x.shape)
+    t["eager full step"] = time_it(lambda: te.step(x))
+    t["eager bare encoder+projector"] = time_it(bare_model(te, x))
+    y = torch.randn(2, b, cfg.proj_dim, device=dev, requires_grad=True)
+    t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
+    t["normalization layer (2 views, one call)"] = time_it(lambda: te.net.normalize(y).square().mean().backward())
+    t["optimizer step"] = time_it(te.opt.step)  # gradients left by the bare model
+    eval_x = torch.randint(0, 256, (1024, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
+    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine), max(1, cfg.benchmark_steps // 10))
+    bank, queries = torch.randn(50000, te.net.feat_dim, device=dev), torch.randn(10000, te.net.feat_dim, device=dev)
+    labels = torch.randint(0, 10, (60000,), device=dev)
+    t["k-NN search (10k x 50k)"] = seconds_per_call(lambda: knn_accuracy(bank, labels[:50000], queries, labels[50000:]), machine, 1, 1)
+    return report_benchmark(cfg, machine, t, first_step, {**step_record(te), "graph": step_record(tg) if kind == "graph" else None})
+
+
+def report_benchmark(cfg, machine, t, first_step, record):
+    b = cfg.batch_size
+    best = t.get("graphed full step", t["eager full step"])
+    knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
+    name = torch.cuda.get_device_name(machine.device) if machine.device.type == "cuda" else machine.device.type
+    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
+    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
+                         if cfg.decorr == "zca" else "")
+    out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, {name}, "
+           f"torch {torch.__version__}; mean of {cfg.benchmark_steps} steps after 3 warm-up steps"]
+    whiten = {"eager": record["whiten_method"], "graphed": (record["graph"] or {}).get("whiten_method")}
+    for row in ("eager full step", "eager bare encoder+projector", "graphed full step", "graphed bare encoder+projector"):
+        label = row + (f" ({whiten[row.split()[0]]})" if "full" in row and whiten[row.split()[0]] else "")
+        out.append(f"  {label:<42} " + (f"{t[row] * 1e3:9.2f} ms {b / t[row]:10.0f} img/s" if row in t else
+                                         "   needs CUDA" if machine.device.type != "cuda" else "   not run (see the note above)"))
+    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in ("eager", "graphed") if f"{k} full step" in t}
+    out.append(f"  {'full step / bare model':<42} " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    for row in ("augmentation (2 views, one call)", "normalization layer (2 views, one call)", "optimizer step"):
+        out.append(f"  {'eager part: ' + row:<42} {t[row] * 1e3:9.2f} ms")
+    if first_step is not None:
+        out.append(f"  start to the first graphed step: {first_step:.1f} s (model, {WARMUP_STEPS} warm-up steps, capture)")
+    out.append(f"  a 50,000-image epoch at the {'graphed' if 'graphed full step' in t else 'eager'} step: "
+               f"{50000 // b * best:.1f} s of training steps")
+    out.append(f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s "
+               f"(eval forward {1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
+    print0(machine, "\n".join(out))
+    return {"seconds": t, "images_per_s": b / best, "step_vs_bare": ratios, "first_step_s": first_step,
+            "epoch_s": 50000 // b * best, "knn_pass_s": knn_pass, **record}
+
+
+PAPER_ORDER = {"none": 0, "bn": 1, "zca": 2}  # the order of the paper's findings
+
+
+def run_label(cfg):
+    if cfg.get("decorr") != "zca":
+        return cfg.get("decorr", "?")
+    groups = cfg.get("groups", 16)
+    return "zca, full (DBN)" if groups == 1 else f"zca, {groups} {'shuffled' if cfg.get('shuffle', True) else 'fixed'} groups"
+
+
+def read_run(d):
+    """A run folder's settings, evaluated log rows and results (if it finished)."""
+    if not os.path.isdir(d):
+        raise UsageError(f"--plot {d}: no such folder")
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        raise UsageError(f"--plot {d}: not a run folder (no config.json)")
+    cfg = read_json(os.path.join(d, "config.json"))
+    rows = [r for r in read_log(os.path.join(d, "log.jsonl")) if "knn_acc" in r]
+    if not rows:
+        raise UsageError(f"--plot {d}: no evaluated epoch yet in {os.path.join(d, 'log.jsonl')}")
+    res = os.path.join(d, "results.json")
+    results = read_json(res) if os.path.isfile(res) else {}
+    final = results.get("collapse") or rows[-1]["collapse"]
+    return {"name": os.path.basename(os.path.normpath(d)), "cfg": cfg, "rows": rows, "results": results,
+            "final": final, "label": run_label(cfg)}
+
+
+def plot_runs(run_dirs, out=""):
+    """One figure of several runs, in the paper's order (none, bn, zca fixed, zca shuffled):
+    k-NN accuracy over training; effective rank of the projector output (solid) and of the
+    backbone (dashed); their final covariance spectra. Writes it as a PNG (default
+    comparison.png beside the runs) and the runs' final numbers as a Markdown table beside it
+    (same name, .md). matplotlib is the one optional dependency, used only here."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which nothing else in fdsl uses: pip install matplotlib") from None
+    runs = sorted((read_run(d) for d in run_dirs), key=lambda r: (
+        PAPER_ORDER.get(r["cfg"].get("decorr"), 3), r["cfg"].get("groups", 16) > 1 and r["cfg"].get("shuffle", True)))
+    labels = [r["label"] for r in runs]
+    for r in runs:
+        if labels.count(r["label"]) > 1:
+            r["label"] += f" ({r['name']})"
+    out = out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs]), "comparison.png")
+    fig, (ax_knn, ax_rank, ax_spec) = plt.subplots(1, 3, figsize=(16, 5))
+    for i, r in enumerate(runs):
+        epochs = [row["epoch"] for row in r["rows"]]
+        ax_knn.plot(epochs, [row["knn_acc"] for row in r["rows"]], "o-", ms=3, color=f"C{i}", label=r["label"])
+        for stage, style in (("projector", "-"), ("backbone", "--")):
+            ax_rank.plot(epochs, [row["collapse"][stage]["eff_rank"] for row in r["rows"]], style, color=f"C{i}")
+            spectrum = [v for v in r["final"][stage]["spectrum"] if v > 0]  # log scale: zeros have no place
+            ax_spec.semilogy(range(1, len(spectrum) + 1), spectrum, style, color=f"C{i}")
+    ax_knn.set(title="k-NN accuracy of the backbone", xlabel="epoch", ylabel="k-NN accuracy (%)")
+    ax_rank.set(title="effective rank", xlabel="epoch", ylabel="effective rank")
+    ax_spec.set(title="final covariance spectrum", xlabel="eigenvalue index (largest first)",
+                ylabel="eigenvalue / largest", ylim=(1e-8, 2))
+    stages = [Line2D([], [], color="0.3", ls="-", label="projector output"), Line2D([], [], color="0.3", ls="--", label="backbone")]
+    for ax in (ax_rank, ax_spec):
+        ax.legend(handles=stages, fontsize=8)
+    for ax in (ax_knn, ax_rank, ax_spec):
+        ax.grid(alpha=0.3)
+    fig.legend(*ax_knn.get_legend_handles_labels(), loc="lower center", ncol=min(len(runs), 5), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    table = runs_table(runs)
+    write_atomic(os.path.splitext(out)[0] + ".md", table)
+    print(table + f"\nfdsl: figure of {len(runs)} run(s) in {out}, table in {os.path.splitext(out)[0]}.md")
+    return out
+
+
+def runs_table(runs):
+    """The runs' final numbers as a Markdown table, one row per run."""
+    lines = ["| run | decorr | groups | k-NN % | linear % | projector eff. rank | epochs | batch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        cfg, res, last = r["cfg"], r["results"], r["rows"][-1]
+        groups = "" if cfg.get("decorr") != "zca" else "1 (full)" if cfg.get("groups") == 1 else \
+            f"{cfg.get('groups')} {'shuffled' if cfg.get('shuffle', True) else 'fixed'}"
+        knn = res.get("knn_acc", last["knn_acc"])
+        linear = f"{res['linear_acc']:.2f}" if "linear_acc" in res else ""
+        epochs = f"{cfg.get('epochs')}" if res else f"{last['epoch']} of {cfg.get('epochs')}"
+        lines.append(f"| {r['name']} | {cfg.get('decorr')} | {groups} | {knn:.2f} | {linear} | "
+                     f"{r['final']['projector']['eff_rank']:.1f} | {epochs} | {cfg.get('batch_size')} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_log(path):
+    """The rows of a log.jsonl. A half-written last line (the run is writing it, or died while
+    it did) is left out; a damaged line before it is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UsageError(f"{path}, line {i + 1}: not a JSON row") from None
+    return rows
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: cannot be read as JSON ({type(e).__name__}: {e})") from None
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)  # a crash mid-write leaves the previous file intact
 
 
 if __name__ == "__main__":
