@@ -76,24 +76,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     # must for on/off switches: "--no-shuffle (default: True)" reads as "shuffle is off".
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, "", True, False, argparse.SUPPRESS):
+        quiet = action.default is None or action.default == "" or isinstance(action.default, bool)
+        if "default" in text or quiet or action.default is argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)"
 
 
 def build_parser():
-    p = ArgParser(prog="fdsl.py", formatter_class=HelpFormatter,
-                  description="Self-supervised learning with feature decorrelation "
-                              "(Hua et al., ICCV 2021) on CIFAR-10/100 or an image folder.",
-                  epilog="Examples are at the top of fdsl.py and in README.md.")
+    p = ArgParser(prog="fdsl.py", formatter_class=HelpFormatter, epilog="Examples: the top of fdsl.py, README.md.",
+                  description="Self-supervised learning with feature decorrelation (Hua et al., ICCV 2021).")
     arg = p.add_argument_group("data").add_argument
     arg("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"],
-        help="folder = DIR/train and DIR/test, one sub-folder per class; synthetic = generated, offline")
+        help="folder = DIR/train and DIR/test, a sub-folder per class; synthetic = generated, offline")
     arg("--data-dir", default="./data", help="where CIFAR is (or is downloaded to), or the image folder")
     arg("--image-size", type=int, default=32, help="folder and synthetic images are made this size (pixels)")
     arg("--train-subset", type=int, default=0, help="train on N class-balanced images (default: 0, all)")
     arg("--test-subset", type=int, default=0, help="evaluate on N class-balanced images (default: 0, all)")
-
     arg = p.add_argument_group("model").add_argument
     arg("--arch", default="resnet18", choices=["resnet18", "small"],
         help="resnet18 = CIFAR ResNet-18 (512-d); small = 4 conv layers (256-d), for CPUs")
@@ -107,15 +105,11 @@ def build_parser():
     arg("--eps", type=float, default=1e-8, help="whitening regularizer, relative to each group's mean variance")
     arg("--whiten", default="auto", choices=["auto", "eigh", "newton"],
         help="how W = C^(-1/2) is computed; default auto: newton in the CUDA-graph step, else eigh")
-    arg("--whiten-dtype", default="float64", choices=["float32", "float64"],
-        help="precision of the covariance and of W")
+    arg("--whiten-dtype", default="float64", choices=["float32", "float64"], help="precision of C and W")
     arg("--predictor", action="store_true", help="add a predictor MLP D -> pred-hidden -> D (default: none)")
     arg("--pred-hidden", type=int, default=256, help="predictor hidden width")
-    arg("--stop-grad", action="store_true",
-        help="no gradient through the target branch, as SimSiam (default: gradients through both)")
-    arg("--loss", default="l2", choices=["l2", "cosine"],
-        help="l2 = mean ||p - z||^2 (the paper); cosine = negative cosine (SimSiam)")
-
+    arg("--stop-grad", action="store_true", help="no gradient through the target view (default: through both)")
+    arg("--loss", default="l2", choices=["l2", "cosine"], help="l2 = mean ||p - z||^2 (the paper); cosine: SimSiam's")
     arg = p.add_argument_group("optimization").add_argument
     arg("--epochs", type=int, default=200, help="training epochs")
     arg("--batch-size", type=int, default=64, help="global batch (split over the GPUs under torchrun)")
@@ -123,7 +117,6 @@ def build_parser():
     arg("--momentum", type=float, default=0.9, help="SGD momentum")
     arg("--weight-decay", type=float, default=1e-3, help="SGD weight decay")
     arg("--warmup-epochs", type=float, default=5, help="linear warm-up from 0, then cosine to 0, per step")
-
     arg = p.add_argument_group("evaluation").add_argument
     arg("--eval-every", type=int, default=5, help="k-NN and collapse metrics every N epochs (0 = first and last)")
     arg("--knn-k", type=int, default=200, help="neighbours that vote in the k-NN monitor")
@@ -132,15 +125,13 @@ def build_parser():
     arg("--raw-eval", action="store_true",
         help="evaluate on the raw images; default: Resize(size x 9/8, bicubic) + CenterCrop, as the authors")
     arg("--linear-epochs", type=int, default=100, help="linear-probe epochs at the end (0 = no probe)")
-
     arg = p.add_argument_group("run").add_argument
     arg("--out", default="", help="output folder; default: runs/<dataset>-<decorr>-<date>-<time> "
                                   "(with --plot: the figure, default comparison.png beside the runs)")
     arg("--resume", default="", metavar="DIR", help="continue the run in DIR (default: start a new run)")
     arg("--seed", type=int, default=0, help="seed of every random stream")
     arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto = CUDA, else MPS, else CPU")
-    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-        help="autocast precision of the network; default auto: bf16 on CUDA, else fp32")
+    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on CUDA, else fp32")
     arg("--no-graph", dest="graph", action="store_false",
         help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
@@ -230,112 +221,6 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list
-
-
-def load_cifar(name, root):
-    """CIFAR-10/100 through torchvision: the copy in `root`, else a download there."""
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        try:
-            sets = [cls(root, train=t, download=False) for t in (True, False)]
-        except RuntimeError:  # not there yet: fetch it
-            sets = [cls(root, train=t, download=True) for t in (True, False)]
-    except (OSError, RuntimeError) as e:
-        raise UsageError(
-            f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
-            f"Place the torchvision {name} files in --data-dir, or use --dataset folder --data-dir DIR "
-            f"with train/ and test/ image folders, or try --dataset synthetic") from None
-    xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
-    ys = [torch.tensor(s.targets, dtype=torch.long) for s in sets]
-    return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
-
-
-def read_image(path, size):
-    """One image file -> 3 x size x size uint8 (shorter side resized, then centre crop)."""
-    try:  # torchvision.io decodes JPEG/PNG about 4x faster than PIL
-        img = torchvision.io.read_image(path, mode=torchvision.io.ImageReadMode.RGB)
-    except (RuntimeError, AttributeError):  # a format it cannot decode (or a torchvision without it)
-        from PIL import Image
-        with Image.open(path) as im:
-            img = TF.pil_to_tensor(im.convert("RGB"))
-    if img.shape[-2:] != (size, size):
-        img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
-    return img
-
-
-def _read_or_report(path, size):
-    try:
-        return read_image(path, size), None
-    except Exception as e:  # a damaged file fails in many ways (OSError, SyntaxError, ...): name it
-        return None, f"{path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '?'})"
-
-
-def load_image_folder(root, size, progress=True):
-    """DIR/train and DIR/test (or DIR/val), one sub-folder per class (torchvision's ImageFolder
-    layout), decoded once into uint8 tensors. A file that cannot be decoded stops the load with
-    its path: silently training on fewer images would make the numbers incomparable."""
-    if not os.path.isdir(os.path.join(root, "train")):
-        raise UsageError(f"no image folder at {os.path.join(root, 'train')} (--dataset folder "
-                         f"expects DIR/train/<class>/* and DIR/test/<class>/*)")
-    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
-    if test_dir is None:
-        raise UsageError(f"no {os.path.join(root, 'test')} or {os.path.join(root, 'val')} folder for evaluation")
-    out = []
-    for split_dir in (os.path.join(root, "train"), test_dir):
-        try:
-            folder = torchvision.datasets.ImageFolder(split_dir)
-        except (FileNotFoundError, OSError) as e:
-            raise UsageError(f"{split_dir}: {e}") from None
-        paths = [p for p, _ in folder.samples]
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            decoded = list(tqdm(pool.map(lambda p: _read_or_report(p, size), paths, chunksize=256),
-                                total=len(paths), desc=f"decoding {split_dir}", disable=not progress, leave=False))
-        bad = [err for _, err in decoded if err]
-        if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-            raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {bad[0]}{more}; "
-                             f"remove or replace them")
-        imgs = torch.stack([img for img, _ in decoded])
-        out.append((imgs, torch.tensor(folder.targets, dtype=torch.long), folder.classes))
-    (trx, try_, classes), (tex, tey, test_classes) = out
-    if test_classes != classes:
-        raise UsageError(f"{test_dir} has classes {test_classes[:5]}... but train has {classes[:5]}...")
-    return Data(trx, try_, tex, tey, classes)
-
-
-SHAPES = ("disk", "square", "triangle", "ring", "cross")
-
-
-def make_synthetic(n, size=32, seed=0):
-    """A labelled image set with real class structure, generated offline, deterministic per
-    seed. Class = shape (disk, square, triangle, ring, cross) x texture (plain, striped), 10
-    classes; colour, position, size, rotation, stripe frequency and noise vary per image, so
-    that only shape and texture carry the label (colour jitter cannot give it away).
-    Returns (images N x 3 x size x size uint8, labels N)."""
-    g = torch.Generator().manual_seed(seed)
-    U = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
-    y = torch.arange(n) % 10
-    y = y[torch.randperm(n, generator=g)]
-    shape, striped = y % 5, y // 5
-    lin = (torch.arange(size) + 0.5) / size * 2 - 1
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    cx, cy, s = U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=0.4, hi=0.65)
-    a = U(n, 1, 1, hi=2 * math.pi)
-    u = ((xx - cx) * a.cos() + (yy - cy) * a.sin()) / s  # rotated coordinates, unit = shape size
-    v = (-(xx - cx) * a.sin() + (yy - cy) * a.cos()) / s
-    r = (u * u + v * v).sqrt()
-    tri = torch.stack([u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]).amax(0)
-    masks = torch.stack([r < 1, torch.maximum(u.abs(), v.abs()) < 0.8, tri < 0.5, (r > 0.55) & (r < 1),
-                         ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))], 1)
-    mask = masks[torch.arange(n), shape].float().unsqueeze(1)  # N x 1 x H x W
-    stripes = (torch.sin(U(n, 1, 1, lo=2.5, hi=4.0) * math.pi * u + U(n, 1, 1, hi=6.3)) > 0).float().unsqueeze(1)
-    texture = torch.where(striped.view(n, 1, 1, 1).bool(), 0.35 + 0.65 * stripes, torch.ones(1))
-    # Lightness varies widely but the tint only a little: what survives the colour jitter of
-    # two views must then be shape and texture, not a per-image colour (a shortcut to nowhere).
-    tint = lambda: U(n, 3, 1, 1, lo=-0.08, hi=0.08)
-    bg, fg = U(n, 1, 1, 1, hi=0.45) + tint(), U(n, 1, 1, 1, lo=0.55, hi=1.0) + tint()
-    img = bg + (fg * texture - bg) * mask + 0.04 * torch.randn(n, 3, size, size, generator=g)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
 def balanced_subset(x, y, n, seed):
@@ -966,8 +851,9 @@ def sgd_step(tr, x):
     """Two augmented views of the uint8 batch x (N x 3 x H x W), the Siamese loss, backward and
     the SGD update. -> the loss, a device tensor (reading it would wait for the GPU).
     Nothing in it waits for the host, so a CUDA graph can hold it whole (Appendix C)."""
-    v1 = augment(x, tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
-    v2 = augment(x, tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
+    ## Both views in one call: every image draws its own crop, flip and colours anyway, and
+    ## one call on 2N images launches half the kernels of two calls on N.
+    v1, v2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
     with tr.machine.autocast():
         loss = siamese_loss(*tr.model(v1, v2), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
     tr.opt.zero_grad(set_to_none=True)
@@ -1057,55 +943,6 @@ def train(run):
 # =============================================================================================
 # 10. Main: settings -> machine -> data -> trainer (-> resume) -> train -> linear probe
 # =============================================================================================
-
-
-def setup_machine(cfg):
-    """The device (CUDA, else MPS, else CPU), the autocast precision, and the processes."""
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible")
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple MPS is not available")
-    rank, world, local = process_ranks()
-    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
-        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
-        # backward) and the metrics', which need full precision; the network's run in bf16.
-        torch.backends.cuda.matmul.allow_tf32 = False
-    init_processes(device, world)
-    prec = cfg.precision
-    if prec == "auto":
-        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if prec != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {prec} is only supported on CUDA here; use fp32")
-    return Machine(device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec], rank, world)
-
-
-RESUME_KEEPS = ("--resume", "--no-progress", "--device", "--no-graph")  # how to run, not what
-
-
-def resolve_config(argv):
-    """The flags; with --resume DIR, the run's saved settings instead."""
-    parser = build_parser()
-    cfg = parser.parse_args(argv)
-    if not cfg.resume:
-        return cfg, False
-    others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in RESUME_KEEPS]
-    if others:
-        raise UsageError(f"--resume takes the run's saved settings; drop {' '.join(others)}")
-    for name in ("checkpoint.pt", "config.json"):
-        if not os.path.isfile(os.path.join(cfg.resume, name)):
-            raise UsageError(f"--resume {cfg.resume}: no {name} there, so it is not an fdsl run folder")
-    resumed = parser.parse_args([])  # defaults first: a run saved before a flag existed still loads
-    vars(resumed).update(read_json(os.path.join(cfg.resume, "config.json")))
-    vars(resumed).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device,
-                         graph=cfg.graph)
-    return resumed, True
 
 
 @dataclass
@@ -1206,22 +1043,6 @@ def save_checkpoint(run, epoch):
         tmp = run.path("checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, run.path("checkpoint.pt"))  # a crash mid-write keeps the previous one
-
-
-def load_checkpoint(path, device):
-    """A checkpoint read as data: torch.load(weights_only=True) accepts tensors, numbers,
-    strings, lists and dicts only, so a checkpoint someone shared cannot run code here."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for objects, RuntimeError/EOFError if damaged
-        refused = "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"
-        why = ("it holds objects other than tensors and numbers, which could run code; refused"
-               if refused else f"damaged or not a checkpoint ({type(e).__name__})")
-        raise UsageError(f"{path}: {why}") from None
-    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(state, dict) else ())
-    if missing:
-        raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
-    return state
 
 
 def finish_run(run, final):
@@ -1417,6 +1238,33 @@ def process_ranks():
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) without it."""
     env = os.environ.get
     return int(env("RANK", "0")), int(env("WORLD_SIZE", "1")), int(env("LOCAL_RANK", "0"))
+
+
+def setup_machine(cfg):
+    """The device (CUDA, else MPS, else CPU), the autocast precision, and the processes."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible")
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: Apple MPS is not available")
+    rank, world, local = process_ranks()
+    device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
+        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
+        # backward) and the metrics', which need full precision; the network's run in bf16.
+        torch.backends.cuda.matmul.allow_tf32 = False
+    init_processes(device, world)
+    prec = cfg.precision
+    if prec == "auto":
+        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if prec != "fp32" and device.type != "cuda":
+        raise UsageError(f"--precision {prec} is only supported on CUDA here; use fp32")
+    return Machine(device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec], rank, world)
 
 
 def init_processes(device, world):
@@ -1689,6 +1537,150 @@ def step_record(tr):
 # =============================================================================================
 # Appendix D. Tools: --benchmark, --plot, run files          (skippable: not part of training)
 # =============================================================================================
+
+
+def load_cifar(name, root):
+    """CIFAR-10/100 through torchvision: the copy in `root`, else a download there."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        try:
+            sets = [cls(root, train=t, download=False) for t in (True, False)]
+        except RuntimeError:  # not there yet: fetch it
+            sets = [cls(root, train=t, download=True) for t in (True, False)]
+    except (OSError, RuntimeError) as e:
+        raise UsageError(
+            f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
+            f"Place the torchvision {name} files in --data-dir, or use --dataset folder --data-dir DIR "
+            f"with train/ and test/ image folders, or try --dataset synthetic") from None
+    xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
+    ys = [torch.tensor(s.targets, dtype=torch.long) for s in sets]
+    return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
+
+
+def read_image(path, size):
+    """One image file -> 3 x size x size uint8 (shorter side resized, then centre crop)."""
+    try:  # torchvision.io decodes JPEG/PNG about 4x faster than PIL
+        img = torchvision.io.read_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, AttributeError):  # a format it cannot decode (or a torchvision without it)
+        from PIL import Image
+        with Image.open(path) as im:
+            img = TF.pil_to_tensor(im.convert("RGB"))
+    if img.shape[-2:] != (size, size):
+        img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    return img
+
+
+def _read_or_report(path, size):
+    try:
+        return read_image(path, size), None
+    except Exception as e:  # a damaged file fails in many ways (OSError, SyntaxError, ...): name it
+        return None, f"{path} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '?'})"
+
+
+def load_image_folder(root, size, progress=True):
+    """DIR/train and DIR/test (or DIR/val), one sub-folder per class (torchvision's ImageFolder
+    layout), decoded once into uint8 tensors. A file that cannot be decoded stops the load with
+    its path: silently training on fewer images would make the numbers incomparable."""
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise UsageError(f"no image folder at {os.path.join(root, 'train')} (--dataset folder "
+                         f"expects DIR/train/<class>/* and DIR/test/<class>/*)")
+    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if test_dir is None:
+        raise UsageError(f"no {os.path.join(root, 'test')} or {os.path.join(root, 'val')} folder for evaluation")
+    out = []
+    for split_dir in (os.path.join(root, "train"), test_dir):
+        try:
+            folder = torchvision.datasets.ImageFolder(split_dir)
+        except (FileNotFoundError, OSError) as e:
+            raise UsageError(f"{split_dir}: {e}") from None
+        paths = [p for p, _ in folder.samples]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            decoded = list(tqdm(pool.map(lambda p: _read_or_report(p, size), paths, chunksize=256),
+                                total=len(paths), desc=f"decoding {split_dir}", disable=not progress, leave=False))
+        bad = [err for _, err in decoded if err]
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {bad[0]}{more}; "
+                             f"remove or replace them")
+        imgs = torch.stack([img for img, _ in decoded])
+        out.append((imgs, torch.tensor(folder.targets, dtype=torch.long), folder.classes))
+    (trx, try_, classes), (tex, tey, test_classes) = out
+    if test_classes != classes:
+        raise UsageError(f"{test_dir} has classes {test_classes[:5]}... but train has {classes[:5]}...")
+    return Data(trx, try_, tex, tey, classes)
+
+
+SHAPES = ("disk", "square", "triangle", "ring", "cross")
+
+
+def make_synthetic(n, size=32, seed=0):
+    """A labelled image set with real class structure, generated offline, deterministic per
+    seed. Class = shape (disk, square, triangle, ring, cross) x texture (plain, striped), 10
+    classes; colour, position, size, rotation, stripe frequency and noise vary per image, so
+    that only shape and texture carry the label (colour jitter cannot give it away).
+    Returns (images N x 3 x size x size uint8, labels N)."""
+    g = torch.Generator().manual_seed(seed)
+    U = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
+    y = torch.arange(n) % 10
+    y = y[torch.randperm(n, generator=g)]
+    shape, striped = y % 5, y // 5
+    lin = (torch.arange(size) + 0.5) / size * 2 - 1
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    cx, cy, s = U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=0.4, hi=0.65)
+    a = U(n, 1, 1, hi=2 * math.pi)
+    u = ((xx - cx) * a.cos() + (yy - cy) * a.sin()) / s  # rotated coordinates, unit = shape size
+    v = (-(xx - cx) * a.sin() + (yy - cy) * a.cos()) / s
+    r = (u * u + v * v).sqrt()
+    tri = torch.stack([u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]).amax(0)
+    masks = torch.stack([r < 1, torch.maximum(u.abs(), v.abs()) < 0.8, tri < 0.5, (r > 0.55) & (r < 1),
+                         ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))], 1)
+    mask = masks[torch.arange(n), shape].float().unsqueeze(1)  # N x 1 x H x W
+    stripes = (torch.sin(U(n, 1, 1, lo=2.5, hi=4.0) * math.pi * u + U(n, 1, 1, hi=6.3)) > 0).float().unsqueeze(1)
+    texture = torch.where(striped.view(n, 1, 1, 1).bool(), 0.35 + 0.65 * stripes, torch.ones(1))
+    # Lightness varies widely but the tint only a little: what survives the colour jitter of
+    # two views must then be shape and texture, not a per-image colour (a shortcut to nowhere).
+    tint = lambda: U(n, 3, 1, 1, lo=-0.08, hi=0.08)
+    bg, fg = U(n, 1, 1, 1, hi=0.45) + tint(), U(n, 1, 1, 1, lo=0.55, hi=1.0) + tint()
+    img = bg + (fg * texture - bg) * mask + 0.04 * torch.randn(n, 3, size, size, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+RESUME_KEEPS = ("--resume", "--no-progress", "--device", "--no-graph")  # how to run, not what
+
+
+def resolve_config(argv):
+    """The flags; with --resume DIR, the run's saved settings instead."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if not cfg.resume:
+        return cfg, False
+    others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in RESUME_KEEPS]
+    if others:
+        raise UsageError(f"--resume takes the run's saved settings; drop {' '.join(others)}")
+    for name in ("checkpoint.pt", "config.json"):
+        if not os.path.isfile(os.path.join(cfg.resume, name)):
+            raise UsageError(f"--resume {cfg.resume}: no {name} there, so it is not an fdsl run folder")
+    resumed = parser.parse_args([])  # defaults first: a run saved before a flag existed still loads
+    vars(resumed).update(read_json(os.path.join(cfg.resume, "config.json")))
+    vars(resumed).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device,
+                         graph=cfg.graph)
+    return resumed, True
+
+
+def load_checkpoint(path, device):
+    """A checkpoint read as data: torch.load(weights_only=True) accepts tensors, numbers,
+    strings, lists and dicts only, so a checkpoint someone shared cannot run code here."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for objects, RuntimeError/EOFError if damaged
+        refused = "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"
+        why = ("it holds objects other than tensors and numbers, which could run code; refused"
+               if refused else f"damaged or not a checkpoint ({type(e).__name__})")
+        raise UsageError(f"{path}: {why}") from None
+    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
+    return state
 
 
 def seconds_per_call(fn, machine, calls, warmup=3):

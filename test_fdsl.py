@@ -85,6 +85,24 @@ def test_unpermute_puts_every_axis_back():
         torch.testing.assert_close(y, white, atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("groups,shuffle,method,training", [(4, True, "eigh", True), (4, True, "newton", True),
+                                                           (4, False, "eigh", True), (4, True, "eigh", False),
+                                                           (32, False, "eigh", True)])
+def test_two_views_in_one_call_equal_two_calls(groups, shuffle, method, training):
+    # The training step whitens both views in one call: each view must keep its own batch
+    # statistics and its own permutation, exactly as two calls with the same permutations.
+    layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle, method=method).train(training)
+    x = torch.stack([correlated(64, 32, seed=1), 5 * correlated(64, 32, seed=2) + 1])
+    torch.manual_seed(0)
+    both = layer(x)
+    perms = layer.last_perm
+    torch.manual_seed(0)  # the same two draws, one per call
+    one, two = layer(x[0]), layer(x[1])
+    assert torch.equal(both[0], one) and torch.equal(both[1], two)
+    if shuffle:
+        assert perms.shape == (2, 32) and not torch.equal(perms[0], perms[1])
+
+
 def test_bn_is_batch_standardization_without_affine():
     x = correlated(128, 32).float()
     ref = F.batch_norm(x, None, None, training=True, eps=1e-30)  # torch refuses 0; this is 0 here
@@ -521,7 +539,7 @@ def test_standardization_collapses_dimensions_and_whitening_does_not(findings):
     assert zca["eff_rank"] > 3 * bn["eff_rank"]
 
 
-def test_run_writes_its_files(findings, tmp_path):
+def test_run_writes_its_files(findings, findings_dir):
     results, log = findings["zca"]
     assert [row["epoch"] for row in log] == list(range(7))
     assert set(log[0]["collapse"]) == {"backbone", "projector", "normalized"}
@@ -529,6 +547,9 @@ def test_run_writes_its_files(findings, tmp_path):
     assert set(results["collapse"]) == {"backbone", "projector", "normalized"}
     assert 0 <= results["knn_acc"] <= 100 and results["epochs"] == 6
     assert results["knn_curve"][0][0] == 0 and results["knn_curve"][-1] == [6, results["knn_acc"]]
+    assert results["train_step"] == "eager" and results["whiten_method"] == "eigh"  # CPU: eager, eigh
+    config = json.loads((findings_dir / "zca" / "config.json").read_text())
+    assert config["train_step"] == "eager" and config["whiten"] == "auto" and config["decorr"] == "zca"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +587,7 @@ SHORT = ["--dataset", "synthetic", "--arch", "small", "--train-subset", "256", "
          "--epochs", "3", "--eval-every", "1", "--metric-samples", "64", "--linear-epochs", "1", "--no-progress"]
 
 
-def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
+def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch, capsys):
     straight = fdsl.main(SHORT + ["--out", str(tmp_path / "a")])
 
     real, calls = fdsl.train_one_epoch, []
@@ -580,7 +601,8 @@ def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         fdsl.main(SHORT + ["--out", str(tmp_path / "b")])
     assert e.value.code == 130
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert f"continue with: python fdsl.py --resume {tmp_path / 'b'}" in capsys.readouterr().err
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "b" / "results.json").exists()
     monkeypatch.setattr(fdsl, "train_one_epoch", real)
 
@@ -651,17 +673,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):
+def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):  # x: (V x) N x D
     import torch.distributed as dist
     torch.set_num_threads(1)
     # A file store has no server process: with tcp://, rank 0 hosts the store, and a rank that
     # exits first can leave the other waiting in destroy_process_group (seen on torch 2.4).
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same permutation on every process
-    layer = fdsl.GroupWhitening(x.shape[1], groups=groups, shuffle=shuffle, method=method)
-    xs = x[rank::world].clone().requires_grad_()
+    layer = fdsl.GroupWhitening(x.shape[-1], groups=groups, shuffle=shuffle, method=method)
+    xs = x[..., rank::world, :].clone().requires_grad_()
     y = layer(xs)
-    (y * target[rank::world]).sum().backward()
+    (y * target[..., rank::world, :]).sum().backward()
     torch.save({"y": y.detach(), "grad": xs.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # both results are on disk
     # Leave without gloo's teardown: on torch 2.4 it sometimes hung (destroy_process_group) or
@@ -669,11 +691,13 @@ def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):
     os._exit(0)
 
 
-@pytest.mark.parametrize("groups,shuffle,method", [(4, True, "eigh"), (1, False, "eigh"), (32, False, "eigh"),
-                                                   (4, True, "newton")])
-def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method, tmp_path):
+@pytest.mark.parametrize("groups,shuffle,method,views", [(4, True, "eigh", 0), (1, False, "eigh", 0),
+                                                         (32, False, "eigh", 0), (4, True, "newton", 2)])
+def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method, views, tmp_path):
     import torch.multiprocessing as mp
     x, target = correlated(64, 32, seed=1), torch.randn(64, 32, dtype=torch.float64)
+    if views:  # both views in one call, as the training step does
+        x, target = torch.stack([x, correlated(64, 32, seed=2)]), torch.stack([target, -target])
     mp.spawn(_whitening_worker, args=(2, x, target, groups, shuffle, method, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
     layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle, method=method)
@@ -682,8 +706,8 @@ def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method
     (y * target).sum().backward()
     for rank in range(2):
         part = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(part["y"], y.detach()[rank::2], atol=1e-5, rtol=0)
-        torch.testing.assert_close(part["grad"], xr.grad[rank::2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(part["y"], y.detach()[..., rank::2, :], atol=1e-5, rtol=0)
+        torch.testing.assert_close(part["grad"], xr.grad[..., rank::2, :], atol=1e-5, rtol=0)
 
 
 def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
@@ -725,23 +749,95 @@ def test_benchmark_times_every_part_and_writes_nothing(tmp_path, monkeypatch, ca
     r = fdsl.main(["--benchmark", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4",
                    "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2"])
     t = r["seconds"]
-    assert {"full training step", "bare encoder+projector", "augmentation (2 views)",
-            "normalization layer (2 views)", "optimizer step", "k-NN search (10k x 50k)"} <= set(t)
+    assert {"eager full step", "eager bare encoder+projector", "augmentation (2 views, one call)",
+            "normalization layer (2 views, one call)", "optimizer step", "k-NN search (10k x 50k)"} <= set(t)
     assert all(v > 0 for v in t.values())
-    assert r["images_per_s"] == pytest.approx(32 / t["full training step"])
-    assert r["step_vs_bare"] == pytest.approx(t["bare encoder+projector"] / t["full training step"])
+    assert r["images_per_s"] == pytest.approx(32 / t["eager full step"])
+    assert r["step_vs_bare"]["eager"] == pytest.approx(t["eager full step"] / t["eager bare encoder+projector"])
+    assert r["train_step"] == "eager" and r["whiten_method"] == "eigh" and r["first_step_s"] is None
     out = capsys.readouterr().out
-    assert "full step throughput" in out and "50,000 + 10,000 images" in out
+    assert out.count("needs CUDA") == 2 and "full step / bare model" in out and "50,000 + 10,000 images" in out
     assert os.listdir(tmp_path) == []  # no run folder, no data download
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path: the step as one CUDA graph. Everything but the capture itself runs on the CPU.
+# ---------------------------------------------------------------------------------------------
+
+GRAPH_ARGS = ["--dataset", "synthetic", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128",
+              "--groups", "4", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--whiten", "newton"]
+
+
+def trainer_run(graph_ready, steps=6):
+    cfg = fdsl.build_parser().parse_args(GRAPH_ARGS)
+    tr = fdsl.build_trainer(cfg, fdsl.Machine(torch.device("cpu"), None), steps_per_epoch=8)
+    xs = torch.randint(0, 256, (steps, 32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    if graph_ready:  # warm-up steps (undone), tensor learning rate, static input buffer
+        tr.step = fdsl.graphed_step(tr, xs.shape[1:], capture=False)
+    tr.aug_gen.manual_seed(5)
+    torch.manual_seed(7)
+    return [(tr.step(x).item(), fdsl.current_lr(tr.opt)) for x in xs], tr
+
+
+def test_graph_ready_step_trains_exactly_like_train_step():
+    eager, te = trainer_run(False)
+    graph, tg = trainer_run(True)
+    assert [loss for loss, _ in graph] == [loss for loss, _ in eager]  # the warm-up left no trace
+    for p, q in zip(te.net.parameters(), tg.net.parameters()):
+        assert torch.equal(p, q)
+    lr = tg.opt.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and lr.dim() == 0  # filled in place by the schedule, between replays
+    for step, (_, value) in enumerate(graph, start=1):
+        assert value == pytest.approx(fdsl.lr_at(step, 16, 8, 0.02 * 32 / 256), rel=1e-6)  # 2 epochs of 8
+
+
+def test_graph_inputs_are_the_tensors_the_model_and_optimizer_hold():
+    _, tr = trainer_run(True)
+    fdsl.check_graph_inputs(tr)  # nothing was replaced while training
+    tr.opt.load_state_dict(tr.opt.state_dict())  # a resume done after capture: new momentum tensors
+    with pytest.raises(RuntimeError, match="replaced after capture"):
+        fdsl.check_graph_inputs(tr)
+
+
+def test_step_choice_follows_the_machine_and_flags():
+    cfg = lambda *a: fdsl.build_parser().parse_args(list(a))
+    cuda = fdsl.Machine(torch.device("cuda"), torch.bfloat16)  # choose_step only reads the description
+    assert fdsl.choose_step(cfg(), cuda) == ("graph", None)
+    assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cpu"), None)) == ("eager", None)
+    assert fdsl.choose_step(cfg("--no-graph"), cuda) == ("eager", None)
+    for machine, args, words in [(fdsl.Machine(torch.device("cuda"), torch.bfloat16, 0, 2), [], "torchrun"),
+                                 (fdsl.Machine(torch.device("cuda"), torch.float16), [], "fp16"),
+                                 (cuda, ["--whiten", "eigh"], "eigh")]:
+        kind, why = fdsl.choose_step(cfg(*args), machine)
+        assert kind == "eager" and words in why and "\n" not in why
+    assert fdsl.choose_step(cfg("--decorr", "bn", "--whiten", "eigh"), cuda)[0] == "graph"  # bn has no eigh
+
+
+def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkeypatch, capsys):
+    eager = fdsl.main(SHORT + ["--whiten", "newton", "--out", str(tmp_path / "eager")])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: ("graph", None))
+    monkeypatch.setattr(fdsl, "capture_graph", broken)  # fails after the warm-up steps ran
+    capsys.readouterr()
+    fell_back = fdsl.main(SHORT + ["--whiten", "newton", "--out", str(tmp_path / "fallback")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "CUDA graph" in line]
+    assert len(notes) == 1 and "stream is capturing" in notes[0] and "eager step" in notes[0]
+    assert fell_back["train_step"] == "eager" and fell_back["whiten_method"] == "newton"
+    assert fell_back["knn_acc"] == eager["knn_acc"] and fell_back["linear_acc"] == eager["linear_acc"]
+    losses = lambda name: [r["loss"] for r in fdsl.read_log(tmp_path / name / "log.jsonl")]
+    assert losses("fallback") == losses("eager")  # no step lost, the warm-up undone
+    assert json.loads((tmp_path / "fallback" / "config.json").read_text())["train_step"] == "eager"
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots (--plot); matplotlib is optional
 # ---------------------------------------------------------------------------------------------
 
-def test_plot_draws_every_run(findings, findings_dir, tmp_path):
+def test_plot_draws_every_run_and_tables_them_in_the_papers_order(findings, findings_dir, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is optional (pip install matplotlib); --plot needs it")
-    dirs = [str(findings_dir / d) for d in findings]
+    dirs = [str(findings_dir / d) for d in ("zca", "none", "bn")]
     out = tmp_path / "fig.png"
     assert fdsl.main(["--plot", *dirs, "--out", str(out)]) == str(out)
     from PIL import Image
@@ -750,6 +846,25 @@ def test_plot_draws_every_run(findings, findings_dir, tmp_path):
         pixels = im.convert("RGB").resize((400, 100)).tobytes()
     colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3) if max(pixels[i:i + 3]) - min(pixels[i:i + 3]) > 100}
     assert len(colours) > 20  # saturated pixels: the runs' coloured curves, not an empty frame
+    table = (tmp_path / "fig.md").read_text().splitlines()
+    assert table[0].startswith("| run | decorr | groups | k-NN % | linear %")
+    assert [row.split("|")[2].strip() for row in table[2:]] == ["none", "bn", "zca"]  # the paper's order
+    knn = findings["zca"][0]["knn_acc"]
+    assert f"| zca | 4 shuffled | {knn:.2f} |" in table[4]
+
+
+def test_plot_without_out_writes_beside_the_runs_and_ignores_a_half_written_line(findings_dir, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
+    import shutil
+    run = tmp_path / "runs" / "zca"
+    shutil.copytree(findings_dir / "zca", run)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"epoch": 7, "loss": 71')  # what a running run's log can end with
+    (run / "results.json").unlink()  # not finished
+    monkeypatch.chdir(tmp_path)
+    assert fdsl.main(["--plot", str(run)]) == str(tmp_path / "runs" / "comparison.png")
+    assert (tmp_path / "runs" / "comparison.png").exists() and not (tmp_path / "plot.png").exists()
+    assert "| 6 of 6 |" in (tmp_path / "runs" / "comparison.md").read_text()
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
@@ -768,8 +883,85 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, c
     assert "pip install matplotlib" in err and "\n" not in err
 
 
-def test_plot_of_a_folder_without_a_run_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("make,words", [(lambda d: d / "missing", "no such folder"),
+                                        (lambda d: d, "not a run folder")])
+def test_plot_of_something_that_is_not_a_run_is_one_line(tmp_path, capsys, make, words):
     pytest.importorskip("matplotlib", reason="matplotlib is optional")
     with pytest.raises(SystemExit) as e:
-        fdsl.main(["--plot", str(tmp_path)])
-    assert e.value.code == 2 and "no evaluated epochs" in capsys.readouterr().err
+        fdsl.main(["--plot", str(make(tmp_path))])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and words in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# A newcomer's first minutes: --help, damaged files, files read as data
+# ---------------------------------------------------------------------------------------------
+
+def test_help_says_every_default_in_words_that_cannot_be_misread():
+    parser = fdsl.build_parser()
+    text = " ".join(parser.format_help().split())
+    assert "(default: True)" not in text and "(default: False)" not in text
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in parser._get_formatter()._get_help_string(action), action.option_strings
+    assert "default: axes reshuffled into new groups every step" in text  # --no-shuffle
+
+
+def expect_one_line_error(args, capsys, *words):
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_a_damaged_image_is_named_in_one_line(tmp_path, capsys):
+    write_image_folder(tmp_path)
+    bad = tmp_path / "train" / "green" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
+    (tmp_path / "test" / "red" / "1.jpg").write_bytes(b"not an image at all")
+    expect_one_line_error(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")],
+                          capsys, str(bad), "cannot be read", "remove or replace")
+
+
+def test_damaged_run_folders_give_one_line(tmp_path, capsys):
+    fdsl.main(SHORT + ["--epochs", "1", "--linear-epochs", "0", "--out", str(tmp_path / "r")])
+    (tmp_path / "r" / "config.json").rename(tmp_path / "config.json")
+    expect_one_line_error(["--resume", str(tmp_path / "r")], capsys, "no config.json")
+    (tmp_path / "config.json").rename(tmp_path / "r" / "config.json")
+    (tmp_path / "r" / "results.json").unlink()  # as if interrupted in the linear probe
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
+    expect_one_line_error(["--resume", str(tmp_path / "r")], capsys, str(ckpt), "damaged")
+
+
+class _Planted:
+    """An object whose unpickling would create a file: what a malicious checkpoint carries."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_is_read_as_data_and_code_in_it_never_runs(tmp_path, capsys):
+    fdsl.main(SHORT + ["--epochs", "2", "--linear-epochs", "0", "--out", str(tmp_path / "r")])
+    (tmp_path / "r" / "results.json").unlink()
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["epoch"] = 1
+    state["note"] = _Planted(str(tmp_path / "pwned"))
+    torch.save(state, ckpt)
+    expect_one_line_error(["--resume", str(tmp_path / "r")], capsys, str(ckpt), "refused")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resuming_a_finished_run_says_so_in_one_line(findings, findings_dir, capsys):
+    capsys.readouterr()
+    results = fdsl.main(["--resume", str(findings_dir / "zca")])
+    out = capsys.readouterr().out
+    assert results["knn_acc"] == findings["zca"][0]["knn_acc"]
+    assert "cannot be extended" in out and "epoch       loss" not in out
