@@ -274,7 +274,7 @@ def normalize(x):
     # torchvision's normalize builds its mean/std tensors from Python lists at every call, a
     # host-to-device copy per batch that a CUDA graph cannot hold: build them once per device.
     if x.device not in _MEAN_STD:
-        _MEAN_STD[x.device] = tuple(torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        _MEAN_STD[x.device] = [torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)]
     mean, std = _MEAN_STD[x.device]
     return (x - mean) / std
 
@@ -403,8 +403,8 @@ def eval_transform(x, chunk=4096):
 ## Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so
 ## the output can collapse onto a few directions. Whitening makes the batch covariance the
 ## identity: no direction can be lost. This section is the paper's method; Appendix A computes
-## C^(-1/2), Appendix B sums the statistics over GPUs. A single-GPU copy needs this section
-## and Appendix A, with `batch_average` reduced to its first line.
+## C^(-1/2), Appendix B sums the statistics over GPUs. A copy for one GPU needs this section
+## and Appendix A, with `sync = False` in GroupWhitening.forward.
 # =============================================================================================
 
 
@@ -479,7 +479,7 @@ class GroupWhitening(nn.Module):
     def forward(self, x):
         *_, n, d = x.shape
         if d != self.num_features or x.dim() not in (2, 3):
-            raise ValueError(f"expected N x {self.num_features} or V x N x {self.num_features}, got {tuple(x.shape)}")
+            raise ValueError(f"expected (V x) N x {self.num_features} features, got {tuple(x.shape)}")
         if n < 2:
             raise ValueError("whitening needs a batch of at least 2")
         dtype = torch.float32 if x.device.type == "mps" else self.dtype  # MPS has no float64
@@ -536,7 +536,8 @@ def small_convnet():
     """Four conv-BN-ReLU layers and average pooling, for CPU runs and tests. N x 3 x H x W -> N x 256."""
     layers, c = [], 3
     for i, width in enumerate((32, 64, 128, 256)):
-        layers += [nn.Conv2d(c, width, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(c, width, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True)]
         c = width
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
 
@@ -564,7 +565,8 @@ class SiameseNet(nn.Module):
 
     def __init__(self, encoder, feat_dim, projector, norm, predictor=None):
         super().__init__()
-        self.encoder, self.feat_dim, self.projector, self.norm, self.predictor = encoder, feat_dim, projector, norm, predictor
+        self.encoder, self.feat_dim, self.projector = encoder, feat_dim, projector
+        self.norm, self.predictor = norm, predictor
 
     def project(self, x):
         """Projector output before the normalization layer: N x 3 x H x W -> N x D."""
@@ -804,7 +806,7 @@ def lr_at(step, total, warmup, peak):
 # epoch, so a run resumed from a checkpoint draws exactly what the uninterrupted run would.
 # The mixing constants are primes larger than what they separate (ranks < 101, streams < 10,
 # epochs < 1,000,003), so two different tuples never share a seed.
-ORDER_STREAM, AUGMENT_STREAM = 1, 2
+SHUFFLE_STREAM, ORDER_STREAM, AUGMENT_STREAM = 0, 1, 2
 
 
 def epoch_seed(cfg, epoch, rank=0, stream=0):
@@ -883,7 +885,7 @@ def train_one_epoch(tr, train_x, epoch):
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed(ORDER_STREAM)))
     order = order.to(machine.device)
     tr.aug_gen.manual_seed(seed(AUGMENT_STREAM))
-    torch.manual_seed(seed(0, rank=0))  # the whitening's shuffles: the same on every process
+    torch.manual_seed(seed(SHUFFLE_STREAM, rank=0))  # the whitening's shuffles: the same on every process
     tr.model.train()
     loss_sum = torch.zeros((), device=machine.device)
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and machine.main),
@@ -979,7 +981,8 @@ def start_run(cfg, machine, resuming):
     """Run folder, data, trainer; with --resume, the checkpoint's state; then the step."""
     if machine.device.type == "cpu":
         print0(machine, "note: running on the CPU: fine for --arch small and subsets, very slow for a full run")
-    cfg.out = shared_value(cfg.out or os.path.join("runs", f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    name = f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg.out = shared_value(cfg.out or os.path.join("runs", name))  # process 0's choice (Appendix B)
     if not resuming and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
     data = load_data(cfg)
@@ -989,6 +992,10 @@ def start_run(cfg, machine, resuming):
     kind, why = choose_step(cfg, machine)  # Appendix C
     if why:
         print0(machine, f"note: {why}")
+    newton = cfg.whiten == "newton" or (cfg.whiten == "auto" and kind == "graph")
+    if cfg.decorr == "zca" and newton and cfg.whiten_dtype == "float32":
+        print0(machine, "note: float32 Newton-Schulz leaks about 2e-3 of the output of a rank-deficient group "
+                        "into its null directions (README); the default float64 does not")
     batch = cfg.batch_size // machine.world
     tr = build_trainer(cfg, machine, len(images.train) // batch, kind)
     run = Run(cfg, machine, data, images, tr, resumed=resuming)
@@ -1083,8 +1090,9 @@ def run(cfg, resuming):
         return benchmark(cfg, machine)
     if resuming and os.path.isfile(os.path.join(cfg.out, "results.json")):
         results = read_json(os.path.join(cfg.out, "results.json"))
-        print0(machine, f"fdsl: {cfg.out} is a finished run ({cfg.epochs} epochs, k-NN {results.get('knn_acc', 0):.2f}%); "
-                        f"a finished run cannot be extended: start a new one with more --epochs")
+        print0(machine, f"fdsl: {cfg.out} is a finished run ({cfg.epochs} epochs, k-NN "
+                        f"{results.get('knn_acc', 0):.2f}%); a finished run cannot be extended: "
+                        f"start a new one with more --epochs")
         return results
     r = start_run(cfg, machine, resuming)
     if resuming:
@@ -1631,7 +1639,8 @@ def make_synthetic(n, size=32, seed=0):
     u = ((xx - cx) * a.cos() + (yy - cy) * a.sin()) / s  # rotated coordinates, unit = shape size
     v = (-(xx - cx) * a.sin() + (yy - cy) * a.cos()) / s
     r = (u * u + v * v).sqrt()
-    tri = torch.stack([u * math.cos(t) + v * math.sin(t) for t in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]).amax(0)
+    corners = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+    tri = torch.stack([u * math.cos(t) + v * math.sin(t) for t in corners]).amax(0)
     masks = torch.stack([r < 1, torch.maximum(u.abs(), v.abs()) < 0.8, tri < 0.5, (r > 0.55) & (r < 1),
                          ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))], 1)
     mask = masks[torch.arange(n), shape].float().unsqueeze(1)  # N x 1 x H x W
@@ -1677,7 +1686,8 @@ def load_checkpoint(path, device):
         why = ("it holds objects other than tensors and numbers, which could run code; refused"
                if refused else f"damaged or not a checkpoint ({type(e).__name__})")
         raise UsageError(f"{path}: {why}") from None
-    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(state, dict) else ())
+    keys = set(state) if isinstance(state, dict) else set()
+    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - keys
     if missing:
         raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
     return state
@@ -1719,15 +1729,15 @@ def bare_model(tr, x):
 
 def benchmark(cfg, machine):
     """Times, on random images (their content does not change the speed): the full training
-    step, eager and as a CUDA graph; the bare encoder+projector, eager and graphed (the floor);
-    the eager parts; the seconds from the start to the first graphed step (model, warm-up,
-    capture); a 50,000-image epoch; a k-NN pass over 50,000 + 10,000 images. Prints a table;
-    returns the figures."""
-    t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
-    time_it = lambda fn, calls=cfg.benchmark_steps: seconds_per_call(fn, machine, calls)
-    x = torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
-    t, first_step, kind = {}, None, choose_step(cfg, machine)[0]
-    if kind == "graph":
+    step, eager and as a CUDA graph; the bare encoder+projector, eager and graphed (the
+    floor); the eager parts; the seconds from the start to the first graphed step (model,
+    warm-up, capture); a 50,000-image epoch; a k-NN pass over 50,000 + 10,000 images.
+    Prints a table; returns the figures."""
+    t_start, b, dev, calls = time.perf_counter(), cfg.batch_size, machine.device, cfg.benchmark_steps
+    time_it = lambda fn, n=calls: seconds_per_call(fn, machine, n)
+    images = lambda n: torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
+    x, t, first_step, tg = images(b), {}, None, None
+    if choose_step(cfg, machine)[0] == "graph":
         tg = build_trainer(cfg, machine, 50000 // b, "graph")
         make_step(tg, x.shape)
         tg.step(x)
@@ -1746,16 +1756,16 @@ def benchmark(cfg, machine):
     t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
     t["normalization layer (2 views, one call)"] = time_it(lambda: te.net.normalize(y).square().mean().backward())
     t["optimizer step"] = time_it(te.opt.step)  # gradients left by the bare model
-    eval_x = torch.randint(0, 256, (1024, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
-    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine), max(1, cfg.benchmark_steps // 10))
-    bank, queries = torch.randn(50000, te.net.feat_dim, device=dev), torch.randn(10000, te.net.feat_dim, device=dev)
-    labels = torch.randint(0, 10, (60000,), device=dev)
-    t["k-NN search (10k x 50k)"] = seconds_per_call(lambda: knn_accuracy(bank, labels[:50000], queries, labels[50000:]), machine, 1, 1)
-    return report_benchmark(cfg, machine, t, first_step, {**step_record(te), "graph": step_record(tg) if kind == "graph" else None})
+    eval_x = images(1024)
+    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine), max(1, calls // 10))
+    bank, labels = torch.randn(60000, te.net.feat_dim, device=dev), torch.randint(0, 10, (60000,), device=dev)
+    search = lambda: knn_accuracy(bank[:50000], labels[:50000], bank[50000:], labels[50000:])
+    t["k-NN search (10k x 50k)"] = seconds_per_call(search, machine, 1, 1)
+    return report_benchmark(cfg, machine, t, first_step, te, tg)
 
 
-def report_benchmark(cfg, machine, t, first_step, record):
-    b = cfg.batch_size
+def report_benchmark(cfg, machine, t, first_step, te, tg):
+    b, ms = cfg.batch_size, lambda s: f"{s * 1e3:9.2f} ms"
     best = t.get("graphed full step", t["eager full step"])
     knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
     name = torch.cuda.get_device_name(machine.device) if machine.device.type == "cuda" else machine.device.type
@@ -1764,24 +1774,26 @@ def report_benchmark(cfg, machine, t, first_step, record):
                          if cfg.decorr == "zca" else "")
     out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, {name}, "
            f"torch {torch.__version__}; mean of {cfg.benchmark_steps} steps after 3 warm-up steps"]
-    whiten = {"eager": record["whiten_method"], "graphed": (record["graph"] or {}).get("whiten_method")}
-    for row in ("eager full step", "eager bare encoder+projector", "graphed full step", "graphed bare encoder+projector"):
-        label = row + (f" ({whiten[row.split()[0]]})" if "full" in row and whiten[row.split()[0]] else "")
-        out.append(f"  {label:<42} " + (f"{t[row] * 1e3:9.2f} ms {b / t[row]:10.0f} img/s" if row in t else
-                                         "   needs CUDA" if machine.device.type != "cuda" else "   not run (see the note above)"))
-    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in ("eager", "graphed") if f"{k} full step" in t}
-    out.append(f"  {'full step / bare model':<42} " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    missing = "   needs CUDA" if machine.device.type != "cuda" else "   not run (see the note above)"
+    for kind, tr in (("eager", te), ("graphed", tg)):
+        whiten = step_record(tr)["whiten_method"] if tr else None
+        for row in (f"{kind} full step", f"{kind} bare encoder+projector"):
+            label = row + (f" ({whiten})" if whiten and "full" in row else "")
+            out.append(f"  {label:<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if row in t else missing))
+    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in ("eager", "graphed")
+              if f"{k} full step" in t}
+    out.append(f"  {'full step / bare model':<48}" + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     for row in ("augmentation (2 views, one call)", "normalization layer (2 views, one call)", "optimizer step"):
-        out.append(f"  {'eager part: ' + row:<42} {t[row] * 1e3:9.2f} ms")
+        out.append(f"  {'eager ' + row:<48}{ms(t[row])}")
     if first_step is not None:
-        out.append(f"  start to the first graphed step: {first_step:.1f} s (model, {WARMUP_STEPS} warm-up steps, capture)")
+        out.append(f"  start to the first graphed step: {first_step:.1f} s (model, warm-up steps, capture)")
     out.append(f"  a 50,000-image epoch at the {'graphed' if 'graphed full step' in t else 'eager'} step: "
                f"{50000 // b * best:.1f} s of training steps")
-    out.append(f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s "
-               f"(eval forward {1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
+    out.append(f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s (eval forward "
+               f"{1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
     print0(machine, "\n".join(out))
     return {"seconds": t, "images_per_s": b / best, "step_vs_bare": ratios, "first_step_s": first_step,
-            "epoch_s": 50000 // b * best, "knn_pass_s": knn_pass, **record}
+            "epoch_s": 50000 // b * best, "knn_pass_s": knn_pass, **step_record(tg or te)}
 
 
 PAPER_ORDER = {"none": 0, "bn": 1, "zca": 2}  # the order of the paper's findings
@@ -1791,7 +1803,9 @@ def run_label(cfg):
     if cfg.get("decorr") != "zca":
         return cfg.get("decorr", "?")
     groups = cfg.get("groups", 16)
-    return "zca, full (DBN)" if groups == 1 else f"zca, {groups} {'shuffled' if cfg.get('shuffle', True) else 'fixed'} groups"
+    if groups == 1:
+        return "zca, full (DBN)"
+    return f"zca, {groups} {'shuffled' if cfg.get('shuffle', True) else 'fixed'} groups"
 
 
 def read_run(d):
@@ -1830,7 +1844,8 @@ def plot_runs(run_dirs, out=""):
     for r in runs:
         if labels.count(r["label"]) > 1:
             r["label"] += f" ({r['name']})"
-    out = out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs]), "comparison.png")
+    beside = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
+    out = out or os.path.join(beside, "comparison.png")
     fig, (ax_knn, ax_rank, ax_spec) = plt.subplots(1, 3, figsize=(16, 5))
     for i, r in enumerate(runs):
         epochs = [row["epoch"] for row in r["rows"]]
@@ -1843,7 +1858,8 @@ def plot_runs(run_dirs, out=""):
     ax_rank.set(title="effective rank", xlabel="epoch", ylabel="effective rank")
     ax_spec.set(title="final covariance spectrum", xlabel="eigenvalue index (largest first)",
                 ylabel="eigenvalue / largest", ylim=(1e-8, 2))
-    stages = [Line2D([], [], color="0.3", ls="-", label="projector output"), Line2D([], [], color="0.3", ls="--", label="backbone")]
+    stages = [Line2D([], [], color="0.3", ls=ls, label=name) for ls, name in (("-", "projector output"),
+                                                                              ("--", "backbone"))]
     for ax in (ax_rank, ax_spec):
         ax.legend(handles=stages, fontsize=8)
     for ax in (ax_knn, ax_rank, ax_spec):

@@ -627,7 +627,7 @@ def test_resume_right_after_the_epoch_0_checkpoint_logs_every_epoch_once(tmp_pat
     monkeypatch.setattr(fdsl, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit):
         fdsl.main(SHORT + ["--linear-epochs", "0", "--out", str(tmp_path / "r")])
-    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["epoch"] == 0
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"] == 0
     monkeypatch.undo()
     fdsl.main(["--resume", str(tmp_path / "r")])
     assert [row["epoch"] for row in fdsl.read_log(tmp_path / "r" / "log.jsonl")] == [0, 1, 2, 3]
@@ -705,7 +705,7 @@ def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method
     y = layer(xr)
     (y * target).sum().backward()
     for rank in range(2):
-        part = torch.load(tmp_path / f"rank{rank}.pt")
+        part = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(part["y"], y.detach()[..., rank::2, :], atol=1e-5, rtol=0)
         torch.testing.assert_close(part["grad"], xr.grad[..., rank::2, :], atol=1e-5, rtol=0)
 
@@ -729,7 +729,7 @@ def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
 
     # One process, from the saved checkpoint, computes the same k-NN accuracy.
     cfg = fdsl.build_parser().parse_args(args)
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     net = fdsl.build_model(cfg)
     net.load_state_dict(state["model"])
     data = fdsl.load_data(cfg)
@@ -922,14 +922,16 @@ def test_a_damaged_image_is_named_in_one_line(tmp_path, capsys):
     bad = tmp_path / "train" / "green" / "2.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     (tmp_path / "test" / "red" / "1.jpg").write_bytes(b"not an image at all")
-    expect_one_line_error(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")],
-                          capsys, str(bad), "cannot be read", "remove or replace")
+    err = expect_one_line_error(["--dataset", "folder", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")],
+                                capsys, str(bad), "cannot be read", "remove or replace")
+    assert "1 of 12" in err  # the first damaged split stops the load: its count, its first file
 
 
 def test_damaged_run_folders_give_one_line(tmp_path, capsys):
     fdsl.main(SHORT + ["--epochs", "1", "--linear-epochs", "0", "--out", str(tmp_path / "r")])
     (tmp_path / "r" / "config.json").rename(tmp_path / "config.json")
-    expect_one_line_error(["--resume", str(tmp_path / "r")], capsys, "no config.json")
+    err = expect_one_line_error(["--resume", str(tmp_path / "r")], capsys, "no config.json")
+    assert str(tmp_path / "r") in err
     (tmp_path / "config.json").rename(tmp_path / "r" / "config.json")
     (tmp_path / "r" / "results.json").unlink()  # as if interrupted in the linear probe
     ckpt = tmp_path / "r" / "checkpoint.pt"
