@@ -31,8 +31,15 @@ A numerics of C^(-1/2), B several GPUs, C the fast path (the training step as on
 D tools (--benchmark, --plot). Comments that start with `##` teach the method; plain `#`
 comments are notes for whoever maintains the code.
 
-Evidence (README.md has the commands, the tables and the runs' files):
-EVIDENCE_PLACEHOLDER
+Evidence (README.md has the commands and tables; results/ has the runs' files):
+  One NVIDIA H200, torch 2.11: the training step as one CUDA graph takes 7.3 ms at batch 64
+  (the eager step 20.0 ms), 5.7 s of steps per CIFAR-10 epoch. ResNet-18, 10 epochs on
+  CIFAR-10 (a JPEG copy), k-NN / 10-epoch linear accuracy (random network: 36.62% k-NN):
+    --decorr none 28.93 / 23.98   bn 39.69 / 45.14   zca --no-shuffle 61.12 / 64.26   zca 65.17 / 67.56
+  with the projector's std at 0.001 for none and its effective rank at 1.5 for bn.
+  A 2-core CPU, torch 2.14.1, the small network, 5,000 images, 10 epochs (about 4 minutes a run):
+    none 21.00 / 16.05   bn 26.90 / 24.10   zca --no-shuffle 39.70 / 40.15   zca 43.90 / 44.10
+  The tests (CPU) take about 4 minutes on 2 cores, on torch 2.4.1 and 2.14.1 alike.
 """
 
 import argparse
