@@ -964,7 +964,7 @@ class Run:
     tr: Trainer
     resumed: bool = False
     start: int = 0  # the last finished epoch (0: only the random network evaluated)
-    elapsed: float = 0.0  # seconds of this run so far, earlier sessions included
+    elapsed: float = 0.0  # seconds of this run so far, time before a --resume included
     t0: float = 0.0
 
     def path(self, name):
@@ -1064,7 +1064,7 @@ def finish_run(run, final):
     after its last epoch, interrupted in the probe), which measures the final state again."""
     cfg, tr, machine = run.cfg, run.tr, run.machine
     acc, metrics = final or evaluate(tr.net, run.data, run.images, cfg, machine)
-    rows = read_log(run.path("log.jsonl")) if machine.main else []  # every session of the run
+    rows = read_log(run.path("log.jsonl")) if machine.main else []  # the whole run, resumed parts included
     speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
     results = {"knn_acc": acc, "collapse": metrics, "epochs": cfg.epochs,
                "images_per_s": sum(speeds) / len(speeds) if speeds else None,
