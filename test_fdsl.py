@@ -19,8 +19,6 @@ import torchvision.transforms.v2.functional as TF
 import fdsl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# torchvision >= 0.29 deprecates its image decoders; fdsl falls back to PIL once they are gone.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 torch.set_num_threads(2)
 
 
@@ -105,7 +103,8 @@ def test_two_views_in_one_call_equal_two_calls(groups, shuffle, method, training
 
 def test_bn_is_batch_standardization_without_affine():
     x = correlated(128, 32).float()
-    ref = F.batch_norm(x, None, None, training=True, eps=1e-30)  # torch refuses 0; this is 0 here
+    ref = torch.nn.BatchNorm1d(32, affine=False, eps=1e-30).train()(x)  # the layer the paper means; eps ~ 0
+    torch.testing.assert_close(ref, F.batch_norm(x, None, None, training=True, eps=1e-30))
     torch.testing.assert_close(fdsl.normalization_layer("bn", 32, eps=0.0)(x), ref, atol=1e-5, rtol=1e-5)
     # eps is relative to each axis's variance: (x - mean) / sqrt(var (1 + eps))
     layer = fdsl.normalization_layer("bn", 32, eps=1e-2)
@@ -279,6 +278,47 @@ def test_newton_steps_cover_the_worst_conditioned_group():
     # same rounded matrix is 1.8e-7 from `exact` too.
     assert rel_err(w(steps), exact) < 1e-6
     assert rel_err(w(steps - 8), exact) > 1e-3  # fewer is not enough
+
+
+def copied_whitening_layer():
+    """What a reader gets by pasting fdsl.py's import lines and its copy blocks into a new file."""
+    lines = open(os.path.join(HERE, "fdsl.py")).read().splitlines(keepends=True)
+    imports = [l for l in lines[: next(i for i, l in enumerate(lines) if l.startswith("# ====="))]
+               if l.startswith(("import ", "from "))]
+    starts = [i for i, l in enumerate(lines) if l.startswith("# --- copy from here")]
+    ends = [i for i, l in enumerate(lines) if l.startswith("# --- copy to here")]
+    assert 1 <= len(starts) == len(ends) <= 2
+    blocks = "".join("".join(lines[s:e + 1]) for s, e in zip(starts, ends))
+    namespace = {}
+    exec(compile("".join(imports) + blocks, "copied.py", "exec"), namespace)
+    return namespace, blocks
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_the_whitening_layer_copies_out_and_runs_alone(method):
+    ns, blocks = copied_whitening_layer()
+    assert "U diag(l^-1/2) U^T" in blocks  # the ZCA formula is in what a reader copies
+    x = correlated(256, 64)
+    for shuffle in (True, False):
+        for training in (True, False):
+            layer = ns["GroupWhitening"](64, groups=4, shuffle=shuffle, eps=1e-8, dtype=torch.float64,
+                                         method=method).train(training)
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(0)
+            y = layer(xi)
+            torch.manual_seed(0)
+            assert torch.equal(y, fdsl.GroupWhitening(64, 4, shuffle, 1e-8, torch.float64, method).train(training)(x))
+            perm = layer.last_perm if shuffle else torch.arange(64)
+            cov = block_covariances(y[:, perm].detach(), 4)
+            assert (cov - torch.eye(16, dtype=cov.dtype)).abs().max() < 1e-3
+            (y * torch.randn_like(y)).sum().backward()
+            assert torch.isfinite(xi.grad).all() and xi.grad.abs().sum() > 0
+    # The layer leaves autocast itself: under bf16 autocast its float32 math stays float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = ns["GroupWhitening"](64, groups=4, dtype=torch.float32, method=method)
+        y = layer(x.float())
+    cov = block_covariances(y.double()[:, layer.last_perm], 4)
+    assert y.dtype == torch.float32 and (cov - torch.eye(16, dtype=cov.dtype)).abs().max() < 1e-3
 
 
 def test_whitening_gradients_are_finite():
@@ -646,6 +686,7 @@ def test_a_whitened_output_that_is_not_white_is_reported(tmp_path, monkeypatch, 
     fdsl.main(SHORT + ["--epochs", "1", "--linear-epochs", "0", "--out", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert "not white" in out and "smaller --eps" in out
+    assert "never reaches its peak" in out  # a 5-epoch warm-up in a 1-epoch run is said
 
 
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -680,7 +721,7 @@ def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):
     # exits first can leave the other waiting in destroy_process_group (seen on torch 2.4).
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same permutation on every process
-    layer = fdsl.GroupWhitening(x.shape[-1], groups=groups, shuffle=shuffle, method=method)
+    layer = fdsl.GroupWhitening(x.shape[-1], groups=groups, shuffle=shuffle, method=method, global_batch=True)
     xs = x[..., rank::world, :].clone().requires_grad_()
     y = layer(xs)
     (y * target[..., rank::world, :]).sum().backward()
@@ -772,11 +813,17 @@ def trainer_run(graph_ready, steps=6):
     cfg = fdsl.build_parser().parse_args(GRAPH_ARGS)
     tr = fdsl.build_trainer(cfg, fdsl.Machine(torch.device("cpu"), None), steps_per_epoch=8)
     xs = torch.randint(0, 256, (steps, 32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    step = lambda x: fdsl.train_step(tr, x)
     if graph_ready:  # warm-up steps (undone), tensor learning rate, static input buffer
-        tr.step = fdsl.graphed_step(tr, xs.shape[1:], capture=False)
+        step = fdsl.cuda_graph(fdsl.train_step, tr, xs[0], capture=False)
     tr.aug_gen.manual_seed(5)
     torch.manual_seed(7)
-    return [(tr.step(x).item(), fdsl.current_lr(tr.opt)) for x in xs], tr
+    losses = []
+    for x in xs:
+        loss = step(x).item()
+        tr.sched.step()
+        losses.append((loss, fdsl.current_lr(tr.opt)))
+    return losses, tr
 
 
 def test_graph_ready_step_trains_exactly_like_train_step():
@@ -799,18 +846,25 @@ def test_graph_inputs_are_the_tensors_the_model_and_optimizer_hold():
         fdsl.check_graph_inputs(tr)
 
 
-def test_step_choice_follows_the_machine_and_flags():
+def test_step_choice_follows_the_machine_and_flags(monkeypatch, capsys):
     cfg = lambda *a: fdsl.build_parser().parse_args(list(a))
     cuda = fdsl.Machine(torch.device("cuda"), torch.bfloat16)  # choose_step only reads the description
-    assert fdsl.choose_step(cfg(), cuda) == ("graph", None)
-    assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cpu"), None)) == ("eager", None)
-    assert fdsl.choose_step(cfg("--no-graph"), cuda) == ("eager", None)
+    # Whether this torch replays a custom generator in a graph is a property of its CUDA build
+    # (CPU-only wheels have a dummy CUDAGraph class): both answers are checked here.
+    monkeypatch.setattr(fdsl, "graphs_replay_generators", lambda: True)
+    assert fdsl.choose_step(cfg(), cuda) == "graph"
+    assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cpu"), None)) == "eager"
+    assert fdsl.choose_step(cfg("--no-graph"), cuda) == "eager"
+    assert capsys.readouterr().out == ""  # nothing to explain: the graph was used or not wanted
     for machine, args, words in [(fdsl.Machine(torch.device("cuda"), torch.bfloat16, 0, 2), [], "torchrun"),
                                  (fdsl.Machine(torch.device("cuda"), torch.float16), [], "fp16"),
                                  (cuda, ["--whiten", "eigh"], "eigh")]:
-        kind, why = fdsl.choose_step(cfg(*args), machine)
-        assert kind == "eager" and words in why and "\n" not in why
-    assert fdsl.choose_step(cfg("--decorr", "bn", "--whiten", "eigh"), cuda)[0] == "graph"  # bn has no eigh
+        assert fdsl.choose_step(cfg(*args), machine) == "eager"
+        out = capsys.readouterr().out
+        assert words in out and out.count("\n") == 1
+    assert fdsl.choose_step(cfg("--decorr", "bn", "--whiten", "eigh"), cuda) == "graph"  # bn has no eigh
+    monkeypatch.setattr(fdsl, "graphs_replay_generators", lambda: False)
+    assert fdsl.choose_step(cfg(), cuda) == "eager" and "generator" in capsys.readouterr().out
 
 
 def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkeypatch, capsys):
@@ -818,7 +872,7 @@ def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkey
 
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: ("graph", None))
+    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: "graph")
     monkeypatch.setattr(fdsl, "capture_graph", broken)  # fails after the warm-up steps ran
     capsys.readouterr()
     fell_back = fdsl.main(SHORT + ["--whiten", "newton", "--out", str(tmp_path / "fallback")])
@@ -904,7 +958,8 @@ def test_help_says_every_default_in_words_that_cannot_be_misread():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert "default" in parser._get_formatter()._get_help_string(action), action.option_strings
-    assert "default: axes reshuffled into new groups every step" in text  # --no-shuffle
+    assert "axes reshuffled into new groups every step (Shuffled-DBN); off: fixed groups (default: on; this " \
+           "flag turns it off)" in text  # --no-shuffle
 
 
 def expect_one_line_error(args, capsys, *words):
