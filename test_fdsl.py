@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2.functional as TF
 
 import fdsl
@@ -244,10 +246,12 @@ def test_repeated_eigenvalues_give_correct_gradients(case, method):
     assert torch.isfinite(g32).all() and rel_err(g32, g64) < 1e-2
 
 
-def test_newton_needs_no_host_synchronization():
-    # torch.compile(fullgraph=True) refuses any graph break: an .item(), a data-dependent
-    # Python branch, an eigh. Tracing (backend "eager": nothing is compiled) stands in, on the
-    # CPU, for the promise a CUDA graph needs: the whole layer is device work only.
+def test_the_newton_layer_compiles_without_a_graph_break():
+    # torch.compile(fullgraph=True) refuses a graph break, such as a Python branch on a
+    # tensor's value, which a CUDA graph could not hold either. Tracing (backend "eager":
+    # nothing is compiled) checks the whole Newton layer on the CPU. It is not a proof that a
+    # CUDA graph can hold the layer (recent dynamo traces .item() without a break, and eigh's
+    # host-side error check only shows on a GPU): the GPU check captures it for real.
     torch._dynamo.reset()
     layer = fdsl.GroupWhitening(64, groups=4, shuffle=True, method="newton")
     x = correlated(32, 64, dtype=torch.float32)
@@ -256,9 +260,9 @@ def test_newton_needs_no_host_synchronization():
     y = traced(x)
     torch.manual_seed(0)
     torch.testing.assert_close(y, layer(x))
-    with pytest.raises(Exception):  # the same check does catch the eigendecomposition
+    with pytest.raises(Exception):  # the same check catches a branch on the data
         torch._dynamo.reset()
-        torch.compile(fdsl.GroupWhitening(64, groups=4, method="eigh"), fullgraph=True, backend="eager")(x)
+        torch.compile(lambda t: layer(t) if t.sum() > 0 else -layer(t), fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
 
 
@@ -590,6 +594,20 @@ def test_run_writes_its_files(findings, findings_dir):
     assert results["train_step"] == "eager" and results["whiten_method"] == "eigh"  # CPU: eager, eigh
     config = json.loads((findings_dir / "zca" / "config.json").read_text())
     assert config["train_step"] == "eager" and config["whiten"] == "auto" and config["decorr"] == "zca"
+    for made in (results, config):  # what made the numbers: libraries, device, this file's version
+        assert made["torch"] == torch.__version__ and made["torchvision"] == torchvision.__version__
+        assert "CPUs" in made["device_name"]
+        assert re.fullmatch(r"[0-9a-f]{40}(\+modified sha256:[0-9a-f]{16})?", made["fdsl_version"])
+
+
+def test_outside_a_checkout_the_version_is_the_files_hash(tmp_path):
+    import hashlib
+    import shutil
+    shutil.copy(os.path.join(HERE, "fdsl.py"), tmp_path / "fdsl.py")
+    p = subprocess.run([sys.executable, "-c", "import fdsl; print(fdsl.code_version())"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    digest = hashlib.sha256((tmp_path / "fdsl.py").read_bytes()).hexdigest()[:16]
+    assert p.stdout.strip() == f"sha256:{digest}", p.stderr[-500:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +722,35 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
     assert ("nan" in err or "non-finite" in err) and str(tmp_path / "nan" / "checkpoint.pt") in err and "(epoch 1)" in err
 
 
+def test_newton_path_to_a_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys):
+    # No eigh on this path (the graph step's): only the loss check can stop it.
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(SHORT + ["--whiten", "newton", "--lr", "1e8", "--out", str(tmp_path / "n")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "loss is nan" in err and "eigendecomposition" not in err
+    assert str(tmp_path / "n" / "checkpoint.pt") in err and "(epoch 0)" in err
+    state = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_non_finite_weights_behind_a_finite_loss_are_never_saved_as_good(tmp_path, monkeypatch, capsys):
+    real, calls = fdsl.train_step, []
+
+    def poisoned(tr, x):
+        loss = real(tr, x)
+        calls.append(1)
+        if len(calls) == 16:  # the last step of epoch 2 (8 steps per epoch): its loss was finite
+            with torch.no_grad():
+                next(tr.net.projector.parameters())[0, 0] = float("inf")
+        return loss
+    monkeypatch.setattr(fdsl, "train_step", poisoned)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(SHORT + ["--out", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "weights are not finite after epoch 2" in err and "(epoch 1)" in err
+    assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Several processes (gloo on CPU): whitening over the global batch, torchrun end to end
 # ---------------------------------------------------------------------------------------------
@@ -785,7 +832,7 @@ def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
 # Benchmark mode (the figures themselves are for README, never asserted)
 # ---------------------------------------------------------------------------------------------
 
-def test_benchmark_times_every_part_and_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_benchmark_times_every_part_and_keeps_its_table_only_when_asked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     r = fdsl.main(["--benchmark", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4",
                    "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2"])
@@ -799,6 +846,12 @@ def test_benchmark_times_every_part_and_writes_nothing(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert out.count("needs CUDA") == 2 and "full step / bare model" in out and "50,000 + 10,000 images" in out
     assert os.listdir(tmp_path) == []  # no run folder, no data download
+    kept = fdsl.main(["--benchmark", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4",
+                      "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2", "--out", "bench"])
+    text = (tmp_path / "bench" / "benchmark.txt").read_text()
+    assert text.startswith("benchmark: small, batch 32") and text in capsys.readouterr().out  # the printed table
+    saved = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
+    assert saved["seconds"] == kept["seconds"] and saved["torch"] == torch.__version__ and saved["device_name"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,10 +885,25 @@ def test_graph_ready_step_trains_exactly_like_train_step():
     assert [loss for loss, _ in graph] == [loss for loss, _ in eager]  # the warm-up left no trace
     for p, q in zip(te.net.parameters(), tg.net.parameters()):
         assert torch.equal(p, q)
+    buffers = dict(tg.net.named_buffers())  # BatchNorm running statistics and num_batches_tracked
+    assert any("num_batches_tracked" in k for k in buffers)
+    for k, b in te.net.named_buffers():
+        assert torch.equal(b, buffers[k]), k
+    momentum = lambda tr: [tr.opt.state[p]["momentum_buffer"] for p in tr.net.parameters()]
+    for a, b in zip(momentum(te), momentum(tg)):
+        assert torch.equal(a, b)
     lr = tg.opt.param_groups[0]["lr"]
     assert torch.is_tensor(lr) and lr.dim() == 0  # filled in place by the schedule, between replays
     for step, (_, value) in enumerate(graph, start=1):
         assert value == pytest.approx(fdsl.lr_at(step, 16, 8, 0.02 * 32 / 256), rel=1e-6)  # 2 epochs of 8
+
+
+def test_the_graph_step_refuses_a_batch_of_another_shape():
+    _, tr = trainer_run(False, steps=1)
+    step = fdsl.cuda_graph(fdsl.train_step, tr, torch.zeros(32, 3, 32, 32, dtype=torch.uint8), capture=False)
+    with pytest.raises(ValueError, match="recorded for batches of") as e:
+        step(torch.zeros(16, 3, 32, 32, dtype=torch.uint8))  # copy_ would have broadcast it
+    assert "\n" not in str(e.value)
 
 
 def test_graph_inputs_are_the_tensors_the_model_and_optimizer_hold():
@@ -865,6 +933,33 @@ def test_step_choice_follows_the_machine_and_flags(monkeypatch, capsys):
     assert fdsl.choose_step(cfg("--decorr", "bn", "--whiten", "eigh"), cuda) == "graph"  # bn has no eigh
     monkeypatch.setattr(fdsl, "graphs_replay_generators", lambda: False)
     assert fdsl.choose_step(cfg(), cuda) == "eager" and "generator" in capsys.readouterr().out
+
+
+def test_resume_through_the_graph_ready_step_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    # main() as on one CUDA GPU, with the captured graph replaced by its eager double
+    # (capture=False: the same warm-up undone, tensor learning rate, fixed input buffer).
+    real_graph, real_epoch, calls = fdsl.cuda_graph, fdsl.train_one_epoch, []
+    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: "graph")
+    monkeypatch.setattr(fdsl, "cuda_graph", lambda *args: real_graph(*args, capture=False))
+    args = SHORT + ["--linear-epochs", "0"]
+    straight = fdsl.main(args + ["--out", str(tmp_path / "a")])
+    assert straight["whiten_method"] == "newton"  # --whiten auto, resolved for the graph step
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during epoch 2
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+    monkeypatch.setattr(fdsl, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit):
+        fdsl.main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(fdsl, "train_one_epoch", real_epoch)
+    resumed = fdsl.main(["--resume", str(tmp_path / "b")])
+    losses = lambda name: [r["loss"] for r in fdsl.read_log(tmp_path / name / "log.jsonl")]
+    assert losses("b") == losses("a") and resumed["knn_acc"] == straight["knn_acc"]
+    monkeypatch.undo()  # and the eager step itself, from the same seed, is the same run
+    fdsl.main(args + ["--whiten", "newton", "--out", str(tmp_path / "eager")])
+    assert losses("eager") == losses("a")
 
 
 def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkeypatch, capsys):
