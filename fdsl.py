@@ -31,6 +31,7 @@ are for whoever maintains the code. README.md has the results, each with its com
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -318,8 +319,9 @@ def mlp(in_dim, hidden, out_dim):
 
 
 class SiameseNet(nn.Module):
-    """One network for both views. forward(x1, x2), x: N x 3 x H x W -> (p1, p2, z1, z2), each
-    N x D float32: z the normalized projector output, p = predictor(z) (p = z without one)."""
+    """One network for both views. forward(views), views: 2N x 3 x H x W, the first views of N
+    images then their second views -> (p1, p2, z1, z2), each N x D float32: z the normalized
+    projector output, p = predictor(z) (p = z without one)."""
 
     def __init__(self, encoder, feat_dim, projector, norm, predictor=None):
         super().__init__()
@@ -330,14 +332,14 @@ class SiameseNet(nn.Module):
         """Projector output, before the normalization layer: N x 3 x H x W -> N x D."""
         return self.projector(self.encoder(x))
 
-    def forward(self, x1, x2):
-        ## Each view through encoder and projector in its own call, so each gets its own
-        ## BatchNorm statistics, as in the authors' code; the normalization layer takes both
-        ## views in one call, each with its own statistics and shuffle (the same as two calls).
-        z1, z2 = self.norm(torch.stack([self.project(x1), self.project(x2)]).float())
-        if self.predictor is None:
-            return z1, z2, z1, z2
-        return self.predictor(z1), self.predictor(z2), z1, z2
+    def forward(self, views):
+        ## Both views in one call (2N images: half the kernels of two calls), each view still
+        ## normalized with its own statistics, as the authors' two calls: every BatchNorm and
+        ## the paper's layer alike (batchnorm_per_view: Appendix C).
+        with batchnorm_per_view(self, views=2):
+            z1, z2 = self.norm(self.project(views).unflatten(0, (2, -1)).float())
+            p1, p2 = (z1, z2) if self.predictor is None else self.predictor(torch.cat([z1, z2])).chunk(2)
+        return p1, p2, z1, z2
 
 
 def build_model(cfg, whiten_method="eigh", world=1):
@@ -411,15 +413,15 @@ def collapse_metrics(z):
 
 @torch.no_grad()
 def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
-    """collapse_metrics of the backbone (the eval-mode features k-NN uses), the projector
-    (before the paper's layer) and normalized (after it): fixed training images, train mode.
+    """collapse_metrics of the backbone (the features k-NN uses), the projector output and the
+    normalized output (before and after the paper's layer, on fixed training images).
     ## Train mode, because that is how the network computes the outputs it trains on: in eval
     ## mode BatchNorm's running averages lag behind and can make a collapsing output look healthy."""
-    outs = []
-    with buffers_kept(net), machine.autocast():  # train mode; BatchNorm statistics put back after
+    outs, probe = [], copy.deepcopy(net).train()  # a copy: measuring must not move the running averages
+    with machine.autocast():
         for x in metric_x.split(batch):  # full batches: the metric set is a multiple of the batch
-            y = net.project(network_input(x, machine)).float()
-            outs.append(torch.cat([y, net.norm(y)], 1))
+            y = probe.project(network_input(x, machine)).float()
+            outs.append(torch.cat([y, probe.norm(y)], 1))
     yz = gather_shards(torch.cat(outs), n_total)  # every process's images (Appendix B)
     d = yz.shape[1] // 2
     return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(yz[:, :d]),
@@ -434,11 +436,9 @@ def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
 @torch.no_grad()
 def encode(encoder, x, machine, batch=1024):
     """Eval-mode backbone features of uint8 images x (no augmentation). -> N x F float32."""
-    was = encoder.training
-    encoder.eval()
+    encoder.eval()  # the next epoch puts it back in train mode
     with machine.autocast():
         feats = [encoder(network_input(xb, machine)).float() for xb in x.split(batch)]
-    encoder.train(was)
     return torch.cat(feats) if feats else torch.zeros(0, 1, device=x.device)
 
 
@@ -558,9 +558,9 @@ def train_step(tr, x):
     Nothing here waits for the host, so a CUDA graph can hold it whole (Appendix C)."""
     ## Both views in one call: each image draws its own crop, flip and colours anyway, and one
     ## call on 2N images launches half the kernels of two calls on N.
-    v1, v2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
+    views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
     with tr.machine.autocast():
-        loss = siamese_loss(*tr.model(v1, v2), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
+        loss = siamese_loss(*tr.model(views), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
     tr.opt.zero_grad(set_to_none=True)
     tr.scaler.scale(loss).backward()
     tr.scaler.step(tr.opt)
@@ -599,7 +599,7 @@ def train(run, step):
     """The loop: evaluate the random network (epoch 0), then per epoch train, evaluate when due,
     log and checkpoint (an interruption loses one epoch at most). -> the last evaluation."""
     cfg, tr, final = run.cfg, run.tr, None
-    if not run.resumed:
+    if not run.cfg.resume:  # a new run
         acc, metrics = evaluate(tr.net, run)
         log_epoch(run, {"epoch": 0, "loss": None, "lr": None, "images_per_s": None,
                         "knn_acc": acc, "collapse": metrics})
@@ -668,7 +668,7 @@ def inverse_sqrt(a, floor, method="eigh"):
     at least `floor` in exact arithmetic (whitening_matrix guarantees it)."""
     if method == "eigh":
         return _InvSqrtEigh.apply(a, floor)
-    return inverse_sqrt_newton(a, newton_iterations(a.shape[-1], floor))
+    return inverse_sqrt_newton(a, newton_scales(a.shape[-1], floor, a.dtype))
 
 
 def small_eigh(a, eigenvalues_only=False):
@@ -713,33 +713,37 @@ class _InvSqrtEigh(torch.autograd.Function):
         return u @ (k * g) @ u.mT, None
 
 
-def newton_iterations(size, eps, tol=1e-15):
-    """How many coupled Newton-Schulz steps reach A^(-1/2) for every matrix the layer can meet.
-    The iteration acts on each eigenvalue of A / tr(A) alone: with p = y*z, p <- p (3 - p)^2 / 4,
-    and the relative error of z is (1 - p) / 2. After the relative eps, tr(A) = size (1 + eps)
-    and every eigenvalue is >= eps, so p starts at >= eps / (size (1 + eps)): run the scalar
-    recurrence from there until 1 - p < tol. A count fixed by (size, eps), never by the data
-    (32 for 32 axes at eps 1e-8, 35 for 256)."""
-    p, steps = eps / (size * (1 + eps)), 0
-    while 1 - p > tol:
-        p, steps = p * (3 - p) ** 2 / 4, steps + 1
-    return steps
+def newton_scales(size, eps, dtype):
+    """The per-step scalings of inverse_sqrt_newton that bring every eigenvalue the layer can meet
+    to A^(-1/2) within dtype's precision. With x^2 an eigenvalue of ZY, a step scaled by a maps
+    x -> h(a x), h(t) = (3t - t^3) / 2, and Z's relative error is 1 - x; after the relative eps, x
+    starts in [l, 1], l^2 = eps / (S (1 + eps)). Scaled Newton-Schulz (Chen and Chow, 2014) fits
+    each step to its interval: a = sqrt(3 / (1 + l + l^2)) gives h(a l) = h(a), so [l, 1] maps into
+    [h(a l), 1], the best a cubic can do; a -> 1 as l -> 1. Fixed by (S, eps, dtype), never by the
+    data: 16 steps for 32 axes at eps 1e-8 in float64, where unscaled steps need 32."""
+    lo, scales = math.sqrt(eps / (size * (1 + eps))), []
+    while 1 - lo > torch.finfo(dtype).eps:
+        a = math.sqrt(3 / (1 + lo + lo * lo))
+        scales.append(a)
+        lo = a * lo * (3 - (a * lo) ** 2) / 2
+    return scales
 
 
-def inverse_sqrt_newton(a, steps):
+def inverse_sqrt_newton(a, scales):
     """A^(-1/2) for a batch of symmetric positive definite ... x S x S matrices by the coupled
-    Newton-Schulz iteration (Higham 2008, eq. 6.35), written with the residual R = (I - ZY) / 2:
-        Y_0 = A / tr(A),  Z_0 = I,   Y <- Y + Y R,   Z <- Z + R Z     (Y -> A^(1/2), Z -> A^(-1/2))
+    Newton-Schulz iteration (Higham 2008, eq. 6.35), each step scaled by c (newton_scales) and
+    written with the residual R = (I - c^2 ZY) / 2, three matrix products a step:
+        Y_0 = A / tr(A),  Z_0 = I,   Y <- c (Y + Y R),   Z <- c (Z + R Z)   (Z -> (A / tr A)^(-1/2))
     Matrix products only (a CUDA graph holds it; autograd differentiates through it), with Y
     and Z kept symmetric, which halves the float32 rounding; TF32 matmuls must be off."""
     size = a.shape[-1]
     eye = torch.eye(size, dtype=a.dtype, device=a.device)
     trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     y, z = a / trace, eye.expand_as(a)
-    for _ in range(steps):
-        r = 0.5 * (eye - z @ y)
+    for c in scales:
+        r = 0.5 * (eye - (c * c) * (z @ y))
         yr, rz = y @ r, r @ z
-        y, z = y + 0.5 * (yr + yr.mT), z + 0.5 * (rz + rz.mT)
+        y, z = c * (y + 0.5 * (yr + yr.mT)), c * (z + 0.5 * (rz + rz.mT))
     return z * trace.rsqrt()
 
 
@@ -823,8 +827,7 @@ def setup_machine(cfg):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
-        # TF32 matmuls stay off: the only float32 matmuls are the whitening's (forward and
-        # backward) and the metrics', which need full precision; the network's run in bf16.
+        # TF32 matmuls stay off: the float32 ones are the whitening's and the metrics' (full precision).
         torch.backends.cuda.matmul.allow_tf32 = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -934,36 +937,38 @@ def wrap_for_processes(net, cfg, machine):
     return net, nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
-@contextlib.contextmanager
-def buffers_kept(model):
-    """Train mode (batch statistics, as in training), every buffer put back afterwards."""
-    saved, was_training = {k: v.clone() for k, v in model.named_buffers()}, model.training
-    model.train()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                v.copy_(saved[k])
-        model.train(was_training)
-
-
 # =============================================================================================
 # Appendix C. The fast path: the training step as one CUDA graph      (skippable: same step)
-# Eagerly, a step on a GPU is hundreds of small kernels launched from Python (on an H200 the
-# GPU was busy 4 ms of a 32.5 ms step). A CUDA graph records the step once and replays it with
-# one launch. What that asks of train_step: nothing waits for the host (Newton-Schulz, not
-# eigh; no .item()); the same tensors every time (a fixed input buffer; parameters, buffers,
-# momentum and learning rate changed in place); random numbers only from generators the graph
-# knows (re-seeded per epoch, so a replay draws what the eager step would).
+# Eagerly, a GPU step is hundreds of small kernels launched from Python. A CUDA graph records
+# the step once and replays it with one launch, if train_step waits for nothing on the host
+# (Newton-Schulz, not eigh; no .item()), uses the same tensors every time (a fixed input buffer;
+# parameters, buffers, momentum and learning rate changed in place) and draws random numbers
+# only from generators the graph knows (re-seeded per epoch: a replay draws what eager would).
 # =============================================================================================
 
 WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD creates its state
 
 
+@contextlib.contextmanager
+def batchnorm_per_view(net, views):
+    """Inside the block, every BatchNorm of net in train mode splits its batch into `views`
+    equal parts and normalizes each with its own statistics, updating its running averages
+    part by part (view 1, then view 2): what separate calls on the parts would do, with one
+    call's convolutions. The same modules and tensors: checkpoints, SyncBatchNorm (whose
+    collectives run once per part) and CUDA graphs see no difference."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:  # an instance attribute named forward shadows the class's
+        m.forward = lambda x, m=m: torch.cat([type(m).forward(m, part) for part in x.chunk(views)]) \
+            if m.training else type(m).forward(m, x)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
+
+
 def choose_step(cfg, machine):
-    """"graph" on one CUDA GPU when nothing rules it out, else "eager" (with one line why, when
-    the graph was wanted but cannot be used)."""
+    """"graph" on one CUDA GPU when nothing rules it out, else "eager" (with a line why, if wanted)."""
     if machine.device.type != "cuda" or not cfg.graph:
         return "eager"
     why = None
@@ -1033,16 +1038,14 @@ def graph_ready_step(step_fn, tr, batch_shape, capture):
 
 def warm_up(fn, device, steps=WARMUP_STEPS):
     """Eager calls of fn before its capture, on a side stream as CUDA graphs require."""
-    if device.type != "cuda":
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if side:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # a no-op for None (the CPU tests)
         for _ in range(steps):
             fn()
-        return
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(steps):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
+    if side:
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 def capture_graph(fn, generators=()):
@@ -1072,8 +1075,8 @@ def restore_state(tr, saved):
     buffer the warm-up made is zeroed, which SGD's next step treats as a first step."""
     tensors, momentum = saved
     with torch.no_grad():
-        for t, copy in tensors:
-            t.copy_(copy)
+        for t, value in tensors:
+            t.copy_(value)
         for p, s in tr.opt.state.items():
             if torch.is_tensor(s.get("momentum_buffer")):
                 s["momentum_buffer"].copy_(momentum[p]) if p in momentum else s["momentum_buffer"].zero_()
@@ -1103,8 +1106,7 @@ def graph_inputs(tr):
 
 
 def check_graph_inputs(tr):
-    # A parameter, buffer or optimizer tensor replaced after capture (a load_state_dict of the
-    # optimizer, say) is silently cut off from the graph: training would go on without it.
+    # A tensor replaced after capture (by an optimizer's load_state_dict, say) is cut off from the graph.
     if tr.graph_holds is not None and tr.graph_holds != graph_inputs(tr):
         raise RuntimeError("a tensor the CUDA graph updates was replaced after capture; "
                            "load every state before cuda_graph()")
@@ -1119,8 +1121,8 @@ def step_record(tr):
 
 # =============================================================================================
 # Appendix D. Settings and run files          (skippable: how a run is configured, saved, resumed)
-# The flags that expose RECIPE and say how to run; the run folder (config.json, log.jsonl,
-# checkpoint.pt, results.json) with what made its numbers; --resume; errors as one line.
+# The flags; the run folder (config.json, log.jsonl, checkpoint.pt, results.json, each naming
+# what made its numbers); --resume; errors as one line.
 # =============================================================================================
 
 
@@ -1138,17 +1140,6 @@ class ArgParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    # Adds "(default: X)" to a flag's help unless the help says the default in words, as it
-    # must for on/off switches: "--no-shuffle (default: True)" reads as "shuffle is off".
-    def _get_help_string(self, action):
-        text = action.help or ""
-        quiet = action.default is None or action.default == "" or isinstance(action.default, bool)
-        if "default" in text or quiet or action.default is argparse.SUPPRESS:
-            return text
-        return text + " (default: %(default)s)"
-
-
 CHOICES = {"dataset": ["cifar10", "cifar100", "folder", "synthetic"], "arch": ["resnet18", "small"],
            "decorr": ["none", "bn", "zca"], "whiten": ["auto", "eigh", "newton"],
            "whiten_dtype": ["float32", "float64"], "loss": ["l2", "cosine"]}
@@ -1157,10 +1148,11 @@ FLAG_GROUPS = {"dataset": "data", "arch": "model", "epochs": "optimization", "ev
 
 
 def build_parser():
-    p = ArgParser(prog="fdsl.py", formatter_class=HelpFormatter, epilog="Examples: the top of fdsl.py, README.md.",
+    p = ArgParser(prog="fdsl.py", epilog="Examples: the top of fdsl.py, README.md.",
                   description="Self-supervised learning with feature decorrelation (Hua et al., ICCV 2021).")
     groups, title = {}, None
-    for name, (default, text) in RECIPE.items():  # every setting of the recipe is a flag
+    for name, (default, text) in RECIPE.items():  # every setting of the recipe is a flag; each help
+        # says its default in words: "--no-shuffle (default: True)" would read as "shuffle is off"
         title = FLAG_GROUPS.get(name, title)
         if title not in groups:
             groups[title] = p.add_argument_group(title)
@@ -1172,40 +1164,40 @@ def build_parser():
             groups[title].add_argument(flag, action="store_true", help=f"{text} (default: off)")
         else:
             groups[title].add_argument(flag, type=type(default), default=default, choices=CHOICES.get(name),
-                                       help=text)
+                                       help=f"{text} (default: {default})")
     add_other_flags(groups["data"].add_argument, groups["run"].add_argument)
     return p
 
 
 def add_other_flags(data, arg):
     """The flags beside the recipe: where the data is, and how to run."""
-    data("--data-dir", default="./data", help="where CIFAR is (or is downloaded to), or the image folder")
-    data("--image-size", type=int, default=32, help="folder and synthetic images are made this size (pixels)")
-    data("--train-subset", type=int, default=0, help="train on N class-balanced images (0: all)")
-    data("--test-subset", type=int, default=0, help="evaluate on N class-balanced images (0: all)")
+    data("--data-dir", default="./data", help="where CIFAR is (or is downloaded to), or the image folder "
+                                               "(default: ./data)")
+    data("--image-size", type=int, default=32, help="folder and synthetic images are made this size (default: 32)")
+    data("--train-subset", type=int, default=0, help="train on N class-balanced images (default: 0, all)")
+    data("--test-subset", type=int, default=0, help="evaluate on N class-balanced images (default: 0, all)")
     arg("--out", default="", help="output folder; default: runs/<dataset>-<decorr>-<date>-<time> (with --plot: "
                                   "the figure, default comparison.png beside the runs; with --benchmark: "
                                   "where its table is kept, default: not kept)")
     arg("--resume", default="", metavar="DIR", help="continue the run in DIR (default: start a new run)")
-    arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto = CUDA, else MPS, else CPU")
-    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on CUDA, else fp32")
+    arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto: CUDA, MPS, or CPU")
+    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="default auto: bf16 on CUDA")
     arg("--no-graph", dest="graph", action="store_false",
         help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
         help="under torchrun, BatchNorm statistics per GPU; default: synchronized over GPUs")
     arg("--no-progress", dest="progress", action="store_false", help="no progress bars (default: shown)")
     arg("--benchmark", action="store_true", help="time the training step instead of training (default: off)")
-    arg("--benchmark-steps", type=int, default=50, help="timed steps per row of --benchmark")
+    arg("--benchmark-steps", type=int, default=50, help="timed steps per row of --benchmark (default: 50)")
     arg("--plot", nargs="+", default=None, metavar="RUN_DIR",
         help="draw these runs and write their table, then exit (default: off; needs matplotlib)")
 
 
 def check_config(cfg, world=1):
     """Everything that can be wrong with the flags, found before any work starts."""
-    if cfg.batch_size < 2:
-        raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images")
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split over {world} processes")
+    if cfg.batch_size < 2 or cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images, split "
+                         f"evenly over the {world} process(es)")
     if cfg.benchmark and world > 1:
         raise UsageError("--benchmark times one process; run it without torchrun")
     for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k",
@@ -1291,10 +1283,6 @@ class Run:
     elapsed: float = 0.0  # seconds of this run so far, time before a --resume included
     t0: float = 0.0
 
-    @property
-    def resumed(self):
-        return bool(self.cfg.resume)
-
     def path(self, name):
         return os.path.join(self.cfg.out, name)
 
@@ -1338,12 +1326,12 @@ def log_start(run):
     the checkpoint's epoch on --resume, and the table's header. Starts the run's clock."""
     cfg, machine = run.cfg, run.machine
     if machine.is_main:
-        rows = [row for row in read_log(run.path("log.jsonl")) if row["epoch"] <= run.start] if run.resumed else []
+        rows = [row for row in read_log(run.path("log.jsonl")) if row["epoch"] <= run.start] if cfg.resume else []
         os.makedirs(cfg.out, exist_ok=True)
         write_atomic(run.path("log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))  # drop redone rows
         write_atomic(run.path("config.json"), json.dumps({**vars(cfg), **step_record(run.tr),
                                                           **provenance(machine)}, indent=2))
-    if run.resumed:
+    if cfg.resume:
         print0(machine, f"resuming {cfg.out} after epoch {run.start}")
     norm = f"decorr={cfg.decorr}" + (f" groups={cfg.groups} shuffle={cfg.shuffle}" if cfg.decorr == "zca" else "")
     print0(machine, f"fdsl: {cfg.dataset} ({len(run.data.train_y)} train / {len(run.data.test_y)} test), "
@@ -1471,22 +1459,22 @@ def provenance(machine):
     """What made a run's numbers: the library versions, the device by name, fdsl.py's version."""
     device = machine.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Apple MPS" if device.type == "mps" \
-        else f"{cpu_model() or platform.machine()}, {os.cpu_count()} CPUs"
+        else f"{cpu_model()}, {os.cpu_count()} CPUs"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
             "device_name": name, "fdsl_version": code_version()}
 
 
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux; elsewhere platform.processor() is the best there is
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
+    try:  # Linux; elsewhere platform.processor() is the best there is
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
-def code_version():
+def code_version(short=False):
     """The git commit of the checkout fdsl.py is in ("+modified" and the file's sha256 when the
-    file differs from it), else "sha256:" and the file's hash."""
+    file differs from it), else "sha256:" and the file's hash. short: 12 characters and the flag."""
     path = os.path.abspath(__file__)
     with open(path, "rb") as f:
         digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
@@ -1498,7 +1486,10 @@ def code_version():
         return digest
     if commit.returncode or changed.returncode:
         return digest
-    return commit.stdout.strip() + (f"+modified {digest}" if changed.stdout.strip() else "")
+    modified = bool(changed.stdout.strip())
+    if short:
+        return commit.stdout.strip()[:12] + "+modified" * modified
+    return commit.stdout.strip() + f"+modified {digest}" * modified
 
 
 def read_log(path):
@@ -1534,9 +1525,8 @@ def write_atomic(path, text):
 
 # =============================================================================================
 # Appendix E. Data readers and augmentation kernels      (skippable: sections 2 and 3 use them)
-# Image folders and generated data beside torchvision's CIFAR; class-balanced subsets; and
-# torchvision's augmentations rewritten for a whole batch at once on the device, each image
-# with its own random parameters (torchvision draws one set per call).
+# Image folders, generated data and class-balanced subsets; torchvision's augmentations for a
+# whole batch on the device, each image with its own parameters (torchvision draws one set).
 # =============================================================================================
 
 SYNTHETIC_SIZES = (5000, 1000)  # train, test
@@ -1615,11 +1605,9 @@ def synthetic_data(size):
 
 
 def make_synthetic(n, size=32, seed=0):
-    """A labelled image set with real class structure, generated offline, deterministic per
-    seed. Class = shape (disk, square, triangle, ring, cross) x texture (plain, striped), 10
-    classes; colour, position, size, rotation, stripe frequency and noise vary per image, so
-    that only shape and texture carry the label (colour jitter cannot give it away).
-    Returns (images N x 3 x size x size uint8, labels N)."""
+    """Labelled images generated offline, deterministic per seed: class = shape (disk, square,
+    triangle, ring, cross) x texture (plain, striped); colour, position, size, rotation, stripes
+    and noise vary per image. -> (N x 3 x size x size uint8, labels N)."""
     g = torch.Generator().manual_seed(seed)
     U = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
     y = torch.arange(n) % 10
@@ -1666,11 +1654,9 @@ def standardize_pixels(x):
 
 
 def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None, mode="bilinear"):
-    """torchvision's RandomResizedCrop (same box sampling: 10 tries, then a centre crop) and a
-    horizontal flip, for every image at once: each box becomes an affine map and one
-    grid_sample resamples the whole batch. mode: "bilinear" (SSL training, as the authors) or
-    "bicubic" (their linear-probe crop; clamped to [0, 1], as bicubic overshoots).
-    x: N x C x H x W float in [0, 1] -> same shape."""
+    """torchvision's RandomResizedCrop (its box sampling: 10 tries, then a centre crop) and a
+    horizontal flip, each box an affine map, one grid_sample for the batch. mode: "bilinear" (SSL,
+    as the authors) or "bicubic" (their probe; clamped, as it overshoots). N x C x H x W in [0, 1]."""
     n, _, h, w = x.shape
     dev, tries = x.device, 10
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
@@ -1771,23 +1757,22 @@ def seconds_per_call(fn, calls, warmup=3):
 
 
 def bare_model(tr, x):
-    """Encoder and projector forward and backward on two views, nothing else: the floor a
-    training step is compared with."""
-    views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
+    """Encoder and projector forward and backward on both views in one call, as the training
+    step makes it, nothing else: the floor a training step is compared with."""
+    views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
 
     def bare():
         tr.net.zero_grad(set_to_none=True)
-        with tr.machine.autocast():
-            loss = sum(tr.net.project(v).float().square().mean() for v in views)
+        with tr.machine.autocast(), batchnorm_per_view(tr.net, 2):
+            loss = tr.net.project(views).float().square().mean()
         loss.backward()
     return bare
 
 
 def benchmark(cfg, machine):
     """Times, on random images (their content does not change the speed): the training step,
-    eager and as a CUDA graph; the bare encoder+projector, eager and graphed (the floor); the
-    eager parts; the seconds from the start to the first graphed step (model, warm-up,
-    capture); a k-NN pass over 50,000 + 10,000 images. -> report_benchmark's figures."""
+    eager and as a CUDA graph; the bare encoder+projector (the floor), eager and graphed; the
+    eager parts; the start to the first graphed step; a k-NN pass over 50,000 + 10,000 images."""
     t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
     time_it = lambda fn, n=cfg.benchmark_steps: seconds_per_call(fn, n)
     images = lambda n: torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
@@ -1799,9 +1784,8 @@ def benchmark(cfg, machine):
         first_step = synced_clock() - t_start
         if tg.step_kind == "graph":
             t["graphed full step"] = time_it(lambda: (step(x), tg.sched.step()))
-            bare = bare_model(tg, x)
-            warm_up(bare, dev)
-            t["graphed bare encoder+projector"] = time_it(capture_graph(bare)[1])
+            warm_up(bare_model(tg, x), dev)
+            t["graphed bare encoder+projector"] = time_it(capture_graph(bare_model(tg, x))[1])
     te = build_trainer(cfg, machine, 50000 // b, "eager")
     t["eager full step"] = time_it(lambda: (train_step(te, x), te.sched.step()))
     t["eager bare encoder+projector"] = time_it(bare_model(te, x))
@@ -1810,10 +1794,11 @@ def benchmark(cfg, machine):
     t["normalization layer (2 views, one call)"] = time_it(lambda: te.net.norm(y).square().mean().backward())
     t["optimizer step"] = time_it(te.opt.step)  # gradients left by the bare model
     eval_x = images(1024)
-    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine), max(1, cfg.benchmark_steps // 10))
+    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine),
+                                              max(1, cfg.benchmark_steps // 10))
     bank, labels = torch.randn(60000, te.net.feat_dim, device=dev), torch.randint(0, 10, (60000,), device=dev)
-    search = lambda: knn_accuracy(bank[:50000], labels[:50000], bank[50000:], labels[50000:])
-    t["k-NN search (10k x 50k)"] = seconds_per_call(search, 1, 1)
+    t["k-NN search (10k x 50k)"] = seconds_per_call(lambda: knn_accuracy(bank[:50000], labels[:50000], bank[50000:],
+                                                                         labels[50000:]), 1, 1)
     return report_benchmark(cfg, machine, t, first_step, te, tg)
 
 
@@ -1822,31 +1807,29 @@ def benchmark_title(cfg, machine):
     norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
                          if cfg.decorr == "zca" else "")
     return (f"benchmark: {cfg.arch}, batch {cfg.batch_size}, {cfg.image_size} px, decorr {norm}, {prec}, "
-            f"{provenance(machine)['device_name']}, torch {torch.__version__}, fdsl {code_version()[:12]}; mean of "
-            f"{cfg.benchmark_steps} calls after {WARMUP_STEPS} untimed ones")
+            f"{provenance(machine)['device_name']}, torch {torch.__version__}, fdsl {code_version(short=True)}; mean "
+            f"of {cfg.benchmark_steps} calls after {WARMUP_STEPS} untimed ones")
 
 
 def report_benchmark(cfg, machine, t, first_step, te, tg):
     """Prints the table; with --out DIR keeps it in DIR/benchmark.txt and .json. -> the figures."""
     b, ms = cfg.batch_size, lambda s: f"{s * 1e3:9.2f} ms"
-    best = t.get("graphed full step", t["eager full step"])
+    kinds = [k for k in ("eager", "graphed") if f"{k} full step" in t]
+    best, missing = t[f"{kinds[-1]} full step"], "   needs CUDA" if machine.device.type != "cuda" else "   not run"
     knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
+    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in kinds}
     out = [benchmark_title(cfg, machine)]
-    missing = "   needs CUDA" if machine.device.type != "cuda" else "   not run (see the note above)"
     for kind, tr in (("eager", te), ("graphed", tg)):
-        whiten = step_record(tr)["whiten_method"] if tr else None
         for row in (f"{kind} full step", f"{kind} bare encoder+projector"):
-            label = row + (f" ({whiten})" if whiten and "full" in row else "")
+            whiten = step_record(tr)["whiten_method"] if tr and "full" in row else None
+            label = row + (f" ({whiten})" if whiten else "")
             out.append(f"  {label:<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if row in t else missing))
-    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in ("eager", "graphed")
-              if f"{k} full step" in t}
     out.append(f"  {'full step / bare model':<48}" + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    for row in ("augmentation (2 views, one call)", "normalization layer (2 views, one call)", "optimizer step"):
-        out.append(f"  {'eager ' + row:<48}{ms(t[row])}")
+    parts = ("augmentation (2 views, one call)", "normalization layer (2 views, one call)", "optimizer step")
+    out += [f"  {'eager ' + row:<48}{ms(t[row])}" for row in parts]
     if first_step is not None:
         out.append(f"  start to the first graphed step: {first_step:.1f} s (model, warm-up steps, capture)")
-    out.append(f"  a 50,000-image epoch at the {'graphed' if 'graphed full step' in t else 'eager'} step: "
-               f"{50000 // b * best:.1f} s of training steps")
+    out.append(f"  a 50,000-image epoch at the {kinds[-1]} step: {50000 // b * best:.1f} s of training steps")
     out.append(f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s (eval forward "
                f"{1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
     figures = {"seconds": t, "images_per_s": b / best, "step_vs_bare": ratios, "first_step_s": first_step,
@@ -1863,7 +1846,8 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
 def read_run(d):
     """A run folder's settings, evaluated log rows and results (if it finished), and its label."""
     if not os.path.isfile(os.path.join(d, "config.json")):
-        raise UsageError(f"--plot {d}: " + ("not a run folder (no config.json)" if os.path.isdir(d) else "no such folder"))
+        raise UsageError(f"--plot {d}: " + ("not a run folder (no config.json)" if os.path.isdir(d) else
+                                            "no such folder"))
     cfg = read_json(os.path.join(d, "config.json"))
     rows = [r for r in read_log(os.path.join(d, "log.jsonl")) if "knn_acc" in r]
     if not rows:
