@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -840,14 +841,12 @@ def setup_machine(cfg):
 
 
 def print0(machine, *args):
-    """print() on process 0 only, between the progress bars."""
-    if machine.is_main:
+    if machine.is_main:  # process 0 speaks for all, between the progress bars
         tqdm.write(" ".join(str(a) for a in args))
         sys.stdout.flush()  # a row per epoch should reach a log file when it happens
 
 
 def progress_bar(iterable, desc, cfg, machine):
-    """A progress bar on process 0 (unless --no-progress) that vanishes when done."""
     return tqdm(iterable, desc=desc, disable=not (cfg.progress and machine.is_main), leave=False,
                 dynamic_ncols=True)
 
@@ -862,8 +861,7 @@ def synced_clock():
 
 
 def network_input(x, machine):
-    """Images as the network takes them: uint8 (or float in [0, 1]) N x 3 x H x W ->
-    standardized float32 in the machine's memory format."""
+    """uint8 (or [0, 1] float) images -> standardized float32 in the machine's memory format."""
     return standardize_pixels(to_float(x)).contiguous(memory_format=machine.memory_format)
 
 
@@ -896,12 +894,11 @@ def gather_shards(t, n_total):
     if not distributed():
         return t
     world = dist.get_world_size()
-    size = -(-n_total // world)
-    padded = torch.zeros(size, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded = t.new_zeros(-(-n_total // world), *t.shape[1:])  # every shard as long as the longest
     padded[: len(t)] = t
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    out = torch.empty(n_total, *t.shape[1:], dtype=t.dtype, device=t.device)
+    out = t.new_empty(n_total, *t.shape[1:])
     for r, part in enumerate(parts):
         out[r::world] = part[: len(range(r, n_total, world))]
     return out
@@ -1227,6 +1224,7 @@ def resolve_config(argv):
     """The flags over the recipe; with --resume DIR, the run's saved settings instead."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    cfg.command = "python fdsl.py " + shlex.join(argv)  # kept in config.json: the command that ran
     if cfg.resume:
         others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in RESUME_KEEPS]
         if others:
@@ -1235,10 +1233,10 @@ def resolve_config(argv):
             if not os.path.isfile(os.path.join(cfg.resume, name)):
                 raise UsageError(f"--resume {cfg.resume}: no {name} there, so it is not an fdsl run folder")
         saved = parser.parse_args([])  # defaults first: a run saved before a flag existed still loads
-        vars(saved).update({k: v for k, v in read_json(os.path.join(cfg.resume, "config.json")).items()
-                            if k in vars(saved)})
+        config = read_json(os.path.join(cfg.resume, "config.json"))
+        vars(saved).update({k: v for k, v in config.items() if k in vars(saved)})
         vars(saved).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device,
-                           graph=cfg.graph)
+                           graph=cfg.graph, command=config.get("command", cfg.command))
         cfg = saved
     check_config(cfg, process_ranks()[1])
     return cfg
@@ -1450,8 +1448,8 @@ def finish_run(run, final):
 
 def finished_run(cfg, machine):
     results = read_json(os.path.join(cfg.out, "results.json"))
-    print0(machine, f"fdsl: {cfg.out} is a finished run ({cfg.epochs} epochs, k-NN {results.get('knn_acc', 0):.2f}%); "
-                    f"a finished run cannot be extended: start a new one with more --epochs")
+    print0(machine, f"fdsl: {cfg.out} is a finished run ({cfg.epochs} epochs, k-NN {results.get('knn_acc', 0):.2f}%), "
+                    f"which cannot be extended: start a new one with more --epochs")
     return results
 
 
@@ -1812,7 +1810,7 @@ def benchmark_title(cfg, machine):
 
 
 def report_benchmark(cfg, machine, t, first_step, te, tg):
-    """Prints the table; with --out DIR keeps it in DIR/benchmark.txt and .json. -> the figures."""
+    """Prints the table; with --out DIR keeps it in DIR/benchmark.md and .json. -> the figures."""
     b, ms = cfg.batch_size, lambda s: f"{s * 1e3:9.2f} ms"
     kinds = [k for k in ("eager", "graphed") if f"{k} full step" in t]
     best, missing = t[f"{kinds[-1]} full step"], "   needs CUDA" if machine.device.type != "cuda" else "   not run"
@@ -1838,7 +1836,7 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
     print0(machine, "\n".join(out))
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
-        write_atomic(os.path.join(cfg.out, "benchmark.txt"), "\n".join(out) + "\n")
+        write_atomic(os.path.join(cfg.out, "benchmark.md"), f"`{cfg.command}`\n\n```\n" + "\n".join(out) + "\n```\n")
         write_atomic(os.path.join(cfg.out, "benchmark.json"), json.dumps(figures, indent=2))
     return figures
 

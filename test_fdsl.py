@@ -612,6 +612,7 @@ def test_run_writes_its_files(findings, findings_dir):
     assert results["train_step"] == "eager" and results["whiten_method"] == "eigh"  # CPU: eager, eigh
     config = json.loads((findings_dir / "zca" / "config.json").read_text())
     assert config["train_step"] == "eager" and config["whiten"] == "auto" and config["decorr"] == "zca"
+    assert config["command"].startswith("python fdsl.py --dataset synthetic") and "--decorr zca" in config["command"]
     for made in (results, config):  # what made the numbers: libraries, device, this file's version
         assert made["torch"] == torch.__version__ and made["torchvision"] == torchvision.__version__
         assert "CPUs" in made["device_name"]
@@ -684,6 +685,8 @@ def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch, caps
 
     resumed = fdsl.main(["--resume", str(tmp_path / "b")])
     log = fdsl.read_log(tmp_path / "b" / "log.jsonl")
+    command = json.loads((tmp_path / "b" / "config.json").read_text())["command"]
+    assert f"--out {tmp_path / 'b'}" in command and "--resume" not in command  # the command that started it
     assert [row["epoch"] for row in log] == [0, 1, 2, 3]
     # Every random stream is a function of (seed, epoch): the resumed run is the same run.
     assert resumed["knn_acc"] == straight["knn_acc"]
@@ -866,8 +869,10 @@ def test_benchmark_times_every_part_and_keeps_its_table_only_when_asked(tmp_path
     assert os.listdir(tmp_path) == []  # no run folder, no data download
     kept = fdsl.main(["--benchmark", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4",
                       "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2", "--out", "bench"])
-    text = (tmp_path / "bench" / "benchmark.txt").read_text()
-    assert text.startswith("benchmark: small, batch 32") and text in capsys.readouterr().out  # the printed table
+    command, table = (tmp_path / "bench" / "benchmark.md").read_text().split("\n\n```\n")
+    assert command == "`python fdsl.py --benchmark --arch small --proj-dim 64 --proj-hidden 128 --groups 4 " \
+                      "--batch-size 32 --image-size 16 --benchmark-steps 2 --out bench`"
+    assert table.startswith("benchmark: small, batch 32") and table[:-4] in capsys.readouterr().out  # as printed
     saved = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert saved["seconds"] == kept["seconds"] and saved["torch"] == torch.__version__ and saved["device_name"]
 
