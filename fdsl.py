@@ -125,9 +125,8 @@ def load_cifar(name, root):
     try:
         sets = [cls(root, train=t, download=True) for t in (True, False)]  # downloads only what is missing
     except (OSError, RuntimeError) as e:
-        raise UsageError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}). "
-                         f"Place the torchvision {name} files in --data-dir, or use --dataset folder "
-                         f"--data-dir DIR with train/ and test/ image folders, or try --dataset synthetic") from None
+        raise UsageError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
+                         f"use --dataset folder --data-dir DIR (train/, test/) or --dataset synthetic") from None
     xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
     ys = [torch.tensor(s.targets, dtype=torch.long) for s in sets]
     return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
