@@ -558,7 +558,7 @@ def test_balanced_subset():
 
 TINY = ["--dataset", "synthetic", "--arch", "small", "--train-subset", "1024", "--test-subset", "500",
         "--proj-dim", "128", "--proj-hidden", "256", "--groups", "4", "--batch-size", "64",
-        "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "6", "--eval-every", "0",
+        "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "4", "--eval-every", "0",
         "--metric-samples", "512", "--linear-epochs", "0", "--no-progress"]
 
 
@@ -603,12 +603,12 @@ def test_standardization_collapses_dimensions_and_whitening_does_not(findings):
 
 def test_run_writes_its_files(findings, findings_dir):
     results, log = findings["zca"]
-    assert [row["epoch"] for row in log] == list(range(7))
+    assert [row["epoch"] for row in log] == list(range(5))
     assert set(log[0]["collapse"]) == {"backbone", "projector", "normalized"}
     assert log[0]["loss"] is None and log[1]["loss"] > 0 and log[-1]["images_per_s"] > 0
     assert set(results["collapse"]) == {"backbone", "projector", "normalized"}
-    assert 0 <= results["knn_acc"] <= 100 and results["epochs"] == 6
-    assert results["knn_curve"][0][0] == 0 and results["knn_curve"][-1] == [6, results["knn_acc"]]
+    assert 0 <= results["knn_acc"] <= 100 and results["epochs"] == 4
+    assert results["knn_curve"][0][0] == 0 and results["knn_curve"][-1] == [4, results["knn_acc"]]
     assert results["train_step"] == "eager" and results["whiten_method"] == "eigh"  # CPU: eager, eigh
     config = json.loads((findings_dir / "zca" / "config.json").read_text())
     assert config["train_step"] == "eager" and config["whiten"] == "auto" and config["decorr"] == "zca"
@@ -786,39 +786,57 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _whitening_worker(rank, world, x, target, groups, shuffle, method, out_dir):  # x: (V x) N x D
+WORLD_CASES = [(4, True, "eigh", 0), (1, False, "eigh", 0), (32, False, "eigh", 0), (4, True, "newton", 2)]
+
+
+def world_case(views):
+    """x: (V x) N x D and the target its output is multiplied with; views: both views in one call."""
+    target = torch.randn(64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = correlated(64, 32, seed=1)
+    if views:
+        x, target = torch.stack([x, correlated(64, 32, seed=2)]), torch.stack([target, -target])
+    return x, target
+
+
+def _whitening_worker(rank, world, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
     # A file store has no server process: with tcp://, rank 0 hosts the store, and a rank that
     # exits first can leave the other waiting in destroy_process_group (seen on torch 2.4).
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
-    torch.manual_seed(0)  # the same permutation on every process
-    layer = fdsl.GroupWhitening(x.shape[-1], groups=groups, shuffle=shuffle, method=method, global_batch=True)
-    xs = x[..., rank::world, :].clone().requires_grad_()
-    y = layer(xs)
-    (y * target[..., rank::world, :]).sum().backward()
-    torch.save({"y": y.detach(), "grad": xs.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # both results are on disk
+    for i, (groups, shuffle, method, views) in enumerate(WORLD_CASES):  # one process group for every case
+        x, target = world_case(views)
+        torch.manual_seed(0)  # the same permutation on every process
+        layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle, method=method, global_batch=True)
+        xs = x[..., rank::world, :].clone().requires_grad_()
+        y = layer(xs)
+        (y * target[..., rank::world, :]).sum().backward()
+        torch.save({"y": y.detach(), "grad": xs.grad}, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
+    dist.barrier()  # every result is on disk
     # Leave without gloo's teardown: on torch 2.4 it sometimes hung (destroy_process_group) or
     # aborted (at exit) once the peer had gone. The worker has nothing left to do.
     os._exit(0)
 
 
-@pytest.mark.parametrize("groups,shuffle,method,views", [(4, True, "eigh", 0), (1, False, "eigh", 0),
-                                                         (32, False, "eigh", 0), (4, True, "newton", 2)])
-def test_whitening_over_two_processes_equals_one_process(groups, shuffle, method, views, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
     import torch.multiprocessing as mp
-    x, target = correlated(64, 32, seed=1), torch.randn(64, 32, dtype=torch.float64)
-    if views:  # both views in one call, as the training step does
-        x, target = torch.stack([x, correlated(64, 32, seed=2)]), torch.stack([target, -target])
-    mp.spawn(_whitening_worker, args=(2, x, target, groups, shuffle, method, str(tmp_path)), nprocs=2)
+    out = tmp_path_factory.mktemp("world")
+    mp.spawn(_whitening_worker, args=(2, str(out)), nprocs=2)
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(WORLD_CASES)))
+def test_whitening_over_two_processes_equals_one_process(case, two_processes):
+    groups, shuffle, method, views = WORLD_CASES[case]
+    x, target = world_case(views)
     torch.manual_seed(0)
     layer = fdsl.GroupWhitening(32, groups=groups, shuffle=shuffle, method=method)
     xr = x.clone().requires_grad_()
     y = layer(xr)
     (y * target).sum().backward()
     for rank in range(2):
-        part = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        part = torch.load(two_processes / f"case{case}-rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(part["y"], y.detach()[..., rank::2, :], atol=1e-5, rtol=0)
         torch.testing.assert_close(part["grad"], xr.grad[..., rank::2, :], atol=1e-5, rtol=0)
 
@@ -1032,12 +1050,12 @@ def test_plot_without_out_writes_beside_the_runs_and_ignores_a_half_written_line
     run = tmp_path / "runs" / "zca"
     shutil.copytree(findings_dir / "zca", run)
     with open(run / "log.jsonl", "a") as f:
-        f.write('{"epoch": 7, "loss": 71')  # what a running run's log can end with
+        f.write('{"epoch": 5, "loss": 71')  # what a running run's log can end with
     (run / "results.json").unlink()  # not finished
     monkeypatch.chdir(tmp_path)
     assert fdsl.main(["--plot", str(run)]) == str(tmp_path / "runs" / "comparison.png")
     assert (tmp_path / "runs" / "comparison.png").exists() and not (tmp_path / "plot.png").exists()
-    assert "| 6 of 6 |" in (tmp_path / "runs" / "comparison.md").read_text()
+    assert "| 4 of 4 |" in (tmp_path / "runs" / "comparison.md").read_text()
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
