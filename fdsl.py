@@ -952,10 +952,12 @@ def batchnorm_per_view(net, views):
     part by part (view 1, then view 2): what separate calls on the parts would do, with one
     call's convolutions. The same modules and tensors: checkpoints, SyncBatchNorm (whose
     collectives run once per part) and CUDA graphs see no difference."""
+    def per_view(m):
+        whole = type(m).forward  # the module's own forward, on a whole batch
+        return lambda x: torch.cat([whole(m, part) for part in x.chunk(views)]) if m.training else whole(m, x)
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:  # an instance attribute named forward shadows the class's
-        m.forward = lambda x, m=m: torch.cat([type(m).forward(m, part) for part in x.chunk(views)]) \
-            if m.training else type(m).forward(m, x)
+    for m in norms:
+        m.forward = per_view(m)  # an instance attribute named forward shadows the class's
     try:
         yield
     finally:
