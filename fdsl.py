@@ -54,38 +54,43 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
+if sys.version_info < (3, 10):  # `X | None` annotations, among others
+    sys.exit(f"fdsl.py needs Python 3.10 or newer; this is Python {platform.python_version()}")
+
 # =============================================================================================
 # 1. The recipe
-## The authors' main CIFAR-10 setting. Each entry is a flag (--batch-size 512); the flags that
+## The authors' main CIFAR-10 setting, from their released code and configs. Entries marked
+## [fdsl] are this file's own (the authors' code has none, or another); [SimSiam] marks options
+## the paper's framework does not have. Each entry is a flag (--batch-size 512); the flags that
 ## say where the data is and how to run (devices, run folders) are in Appendix D.
 # =============================================================================================
 
-RECIPE = {  # setting: (the authors' default, what it means)
-    "dataset": ("cifar10", "cifar10 | cifar100 | folder (DIR/train, DIR/test) | synthetic (offline)"),
-    "arch": ("resnet18", "resnet18: CIFAR ResNet-18 (512-d); small: 4 conv layers (256-d), for CPUs"),
+RECIPE = {  # setting: (default, what it means)
+    "dataset": ("cifar10", "cifar10 | cifar100 | folder (DIR/train, DIR/test) | synthetic ([fdsl] offline)"),
+    "arch": ("resnet18", "resnet18: CIFAR ResNet-18 (512-d); small: 4 conv layers (256-d), [fdsl] for CPUs"),
     "proj_hidden": (1024, "projector hidden width: Linear(512, 1024) -> BN -> ReLU -> Linear(1024, D)"),
     "proj_dim": (512, "projector output width D"),
     "decorr": ("zca", "the layer after the projector: none | bn (standardize each axis) | zca (whiten)"),
-    "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); the authors use G = ceil(2D / batch)"),
+    "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: G = ceil(2D / batch), the authors' rule"),
     "shuffle": (True, "zca: axes reshuffled into new groups every step (Shuffled-DBN); off: fixed groups"),
-    "eps": (1e-8, "whitening regularizer, relative to each group's mean variance"),
-    "whiten": ("auto", "how W = C^(-1/2) is computed: eigh | newton | auto (newton in the CUDA graph)"),
-    "whiten_dtype": ("float64", "precision of C and W"),
-    "predictor": (False, "a predictor MLP D -> pred_hidden -> D on the output (SimSiam's; the paper has none)"),
-    "pred_hidden": (256, "predictor hidden width"),
-    "stop_grad": (False, "no gradient through the target view (SimSiam's; the paper has it)"),
-    "loss": ("l2", "l2: mean ||z1 - z2||^2 (the paper); cosine: SimSiam's"),
+    "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
+    "whiten": ("auto", "[fdsl] W = C^(-1/2) by eigh | newton | auto (newton in the CUDA graph); the authors: eigh"),
+    "whiten_dtype": ("float64", "[fdsl] precision of C and W (the authors: float32, on the CPU)"),
+    "predictor": (False, "[SimSiam] a predictor MLP D -> pred_hidden -> D on the output"),
+    "pred_hidden": (256, "[SimSiam] predictor hidden width"),
+    "stop_grad": (False, "[SimSiam] no gradient through the target view"),
+    "loss": ("l2", "l2: mean ||z1 - z2||^2 (the paper); cosine: [SimSiam] minus the cosine similarity"),
     "epochs": (200, "training epochs"),
     "batch_size": (64, "global batch (split over the GPUs under torchrun)"),
     "lr": (0.02, "learning rate per 256 images: lr x batch / 256 is used (0.005 at batch 64)"),
     "momentum": (0.9, "SGD momentum"),
-    "weight_decay": (1e-3, "SGD weight decay, on every parameter (the authors' notes: 2.5e-3 was best)"),
+    "weight_decay": (1e-3, "SGD weight decay on every parameter (the batch-size study: 2.5e-3)"),
     "warmup_epochs": (5.0, "linear warm-up from 0, then cosine to 0, per step"),
-    "eval_every": (5, "k-NN and collapse metrics every N epochs (0: first and last only)"),
+    "eval_every": (5, "[fdsl] k-NN and collapse metrics every N epochs (0: first and last only)"),
     "knn_k": (200, "neighbours that vote in the k-NN monitor"),
     "knn_t": (0.1, "k-NN temperature: a neighbour's vote is exp(similarity / t)"),
-    "metric_samples": (2048, "fixed training images for the projector's collapse metrics"),
-    "raw_eval": (False, "evaluate on the raw images, not Resize(size x 9/8, bicubic) + CenterCrop as the authors"),
+    "metric_samples": (2048, "[fdsl] fixed training images for the projector's collapse metrics"),
+    "raw_eval": (False, "evaluate on the raw images, not the authors' Resize(int(size x 8/7)) + CenterCrop"),
     "linear_epochs": (100, "linear-probe epochs at the end (0: no probe)"),
     "seed": (0, "seed of every random stream"),
 }
@@ -154,9 +159,10 @@ def augment(x, generator=None):
 
 
 def eval_transform(x, chunk=4096):
-    """The authors' evaluation view, made once: Resize(size x 9/8, bicubic) then CenterCrop(size),
-    36 then 32 pixels for CIFAR (antialiased, as PIL). x: N x 3 x S x S uint8 -> same."""
-    size, big = x.shape[-1], round(x.shape[-1] * 9 / 8)
+    """The authors' evaluation view, made once: Resize(int(size x 8/7), bicubic) then
+    CenterCrop(size): 36 then 32 pixels for CIFAR, 73 for 64 (antialiased, as PIL).
+    x: N x 3 x S x S uint8 -> same."""
+    size, big = x.shape[-1], int(x.shape[-1] * 8 / 7)
     bicubic = torchvision.transforms.InterpolationMode.BICUBIC
     crop = lambda t: TF.center_crop(TF.resize(t, [big, big], interpolation=bicubic, antialias=True), [size, size])
     return torch.cat([crop(t) for t in x.split(chunk)]) if len(x) else x
@@ -181,17 +187,20 @@ class GroupWhitening(nn.Module):
         C / m + eps I = U diag(l) U^T        eigendecomposition
         W  = U diag(l^-1/2) U^T / sqrt(m)    ZCA: the whitening that rotates the data least
         y  = xc W                            covariance of y: the identity, up to eps
-    ## Groups keep C well conditioned at small batches (N samples span N - 1 directions, so
-    ## S < N); shuffling the axes into new groups at every call (a fresh permutation, undone
+    ## Groups keep C well conditioned at small batches: N samples span only N - 1 directions
+    ## after centring, so a group must be smaller than the batch (S < N; the layer refuses
+    ## S >= N). Shuffling the axes into new groups at every call (a fresh permutation, undone
     ## after) decorrelates every pair of axes over training, not only pairs that share a group.
     groups=1 is full ZCA (DBN), shuffle=False grouped DBN, groups=D standardizes each axis.
-    eps is relative to m (why: whitening_matrix); eps=0 is the authors' layer. Statistics
-    come from the batch in train and eval mode (no running averages, as the authors'), in
-    `dtype`, never under autocast. global_batch: in train mode, the statistics of every
-    process's samples (torchrun). method: "eigh" or "newton" (the same W, Appendix A).
-    x: N x D, or V x N x D for V views (each its own statistics and permutation, as V calls)
-    -> same shape and dtype. `last_perm`: the last permutation (D or V x D), drawn from
-    torch's global random stream."""
+    eps is relative to m (why: whitening_matrix) and never below S x the machine epsilon of
+    `dtype` (whitening_eps: 7e-15 for S = 32 in float64), so eps=0 is the authors' layer up to
+    that floor. Statistics come from the batch in train and eval mode (no running averages,
+    as the authors'), in `dtype`, never under autocast. global_batch: in train mode, the
+    statistics of every process's samples (torchrun). method: "eigh" or "newton" (the same W,
+    Appendix A). x: N x D, or V x N x D for V views (each its own statistics and permutation,
+    as V calls) -> same shape and dtype. `last_perm`: the last permutation (D or V x D), drawn
+    from the default generator of x's device (torch.manual_seed seeds those of the CPU and
+    of every GPU)."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
@@ -212,21 +221,26 @@ class GroupWhitening(nn.Module):
         *_, n, d = x.shape
         if d != self.num_features or x.dim() not in (2, 3) or n < 2:
             raise ValueError(f"expected (V x) N x {self.num_features} features with N >= 2, got {tuple(x.shape)}")
+        v, g, s = x.numel() // (n * d), self.groups, d // self.groups
+        sync = self.global_batch and self.training
+        samples = n * (dist.get_world_size() if sync and distributed() else 1)  # whitened together
+        if s >= samples:
+            raise ValueError(f"groups of {s} axes need more than {s} samples, got {samples}: N samples span "
+                             f"N - 1 directions, so the covariance would be singular; use more groups")
         with full_precision(x):
-            h = x.to(torch.float32 if x.device.type == "mps" else self.dtype).reshape(-1, n, d)  # V x N x D
-            v, g, s = h.shape[0], self.groups, d // self.groups
+            h = x.to(torch.float32 if x.device.type == "mps" else self.dtype).reshape(v, n, d)
             perm = None
             if self.shuffle:  # one permutation per view, drawn on the device (no host copy)
                 perm = torch.stack([torch.randperm(d, device=x.device) for _ in range(v)])
                 h = h.gather(2, perm[:, None, :].expand(v, n, d))
             h = h.reshape(v, n, g, s).transpose(1, 2)  # V x G x N x S
-            sync = self.global_batch and self.training
-            hc = h - batch_mean(h.sum(2, keepdim=True), n, sync)
-            if s == 1:  # groups of one axis: C is the variance, W = 1 / sqrt(var (1 + eps))
-                var = batch_mean((hc * hc).sum(2, keepdim=True), n, sync)
-                y = hc * torch.where(var > 0, var * (1 + self.eps), torch.ones_like(var)).rsqrt()
+            hc = h - mean_from_sum(h.sum(2, keepdim=True), n, sync)
+            if s == 1:  # groups of one axis: C is the variance, W = 1 / sqrt(var (1 + eps)), same eps rule
+                var = mean_from_sum((hc * hc).sum(2, keepdim=True), n, sync)
+                eps = whitening_eps(self.eps, 1, h.dtype)
+                y = hc * torch.where(var > 0, var * (1 + eps), torch.ones_like(var)).rsqrt()
             else:
-                y = hc @ whitening_matrix(batch_mean(hc.transpose(2, 3) @ hc, n, sync), self.eps, self.method)
+                y = hc @ whitening_matrix(mean_from_sum(hc.transpose(2, 3) @ hc, n, sync), self.eps, self.method)
             y = y.transpose(1, 2).reshape(v, n, d)
             if perm is not None:  # every axis back to its own place
                 y = torch.empty_like(y).scatter_(2, perm[:, None, :].expand(v, n, d), y)
@@ -255,9 +269,10 @@ def whitening_matrix(cov, eps, method="eigh"):
     return inverse_sqrt(a, eps, method) * m.rsqrt()
 
 
-def batch_mean(total, n, global_batch=False):
-    """total / n, for `total` a sum over this process's n samples; global_batch: the mean over
-    every process's samples (sums and counts all-reduced, differentiably: Appendix A)."""
+def mean_from_sum(total, n, global_batch=False):
+    """A batch mean from its sum: total / n, for `total` a sum over this process's n samples;
+    global_batch: the mean over every process's samples (sums and counts all-reduced,
+    differentiably: Appendix A)."""
     if not global_batch:
         return total / n
     return all_reduce_sum(total) / all_reduce_sum(torch.full((), n, dtype=total.dtype, device=total.device))
@@ -413,19 +428,30 @@ def collapse_metrics(z):
 
 @torch.no_grad()
 def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
-    """collapse_metrics of the backbone (the features k-NN uses), the projector output and the
-    normalized output (before and after the paper's layer, on fixed training images).
+    """collapse_metrics at the three stages, each on its own images:
+      backbone    backbone_feats: the eval-mode encoder features of the test images (what k-NN scores)
+      projector   the projector output in train mode, on metric_x (fixed training images)
+      normalized  the paper's layer's output for those same projector outputs
     ## Train mode, because that is how the network computes the outputs it trains on: in eval
-    ## mode BatchNorm's running averages lag behind and can make a collapsing output look healthy."""
-    outs, probe = [], copy.deepcopy(net).train()  # a copy: measuring must not move the running averages
+    ## mode BatchNorm's running averages lag behind and can make a collapsing output look healthy.
+    -> {stage: metrics}."""
+    y, z = train_mode_outputs(net, metric_x, batch, machine, n_total)
+    return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(y),
+            "normalized": collapse_metrics(z)}
+
+
+@torch.no_grad()
+def train_mode_outputs(net, x, batch, machine, n_total):
+    """The projector output y and the normalized output z = norm(y) of uint8 images x as the
+    network computes them while it trains: train mode, chunks of the training batch, on a copy
+    (measuring must not move the running averages). -> (y, z), each n_total x D, the images of
+    every process (Appendix B)."""
+    probe = copy.deepcopy(net).train()
     with machine.autocast():
-        for x in metric_x.split(batch):  # full batches: the metric set is a multiple of the batch
-            y = probe.project(network_input(x, machine)).float()
-            outs.append(torch.cat([y, probe.norm(y)], 1))
-    yz = gather_shards(torch.cat(outs), n_total)  # every process's images (Appendix B)
-    d = yz.shape[1] // 2
-    return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(yz[:, :d]),
-            "normalized": collapse_metrics(yz[:, d:])}
+        ys = [probe.project(network_input(xb, machine)).float() for xb in x.split(batch)]
+    check_finite("the projector's outputs", ys)  # a diverged network must stop here, not fail in eigh
+    zs = [probe.norm(y) for y in ys]
+    return gather_shards(torch.cat(ys), n_total), gather_shards(torch.cat(zs), n_total)
 
 
 # =============================================================================================
@@ -481,6 +507,7 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
                 to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"), machine)).float()
                 for xb in train_set[0].split(1024)]
         feats = gather_shards(torch.cat(feats), n)
+        check_finite("the backbone's features", [feats, clf.weight])  # once per epoch: a NaN never scores
         for idx in torch.randperm(n, generator=order_gen).to(machine.device).split(256):
             loss = F.cross_entropy(clf(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -488,17 +515,20 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
             opt.step()
             sched.step()
     with torch.no_grad():
-        pred = clf(gather_shards(encode(encoder, test_set[0], machine), len(test_set[1]))).argmax(1)
+        logits = clf(gather_shards(encode(encoder, test_set[0], machine), len(test_set[1])))
+    check_finite("the classifier's outputs", [logits])
+    pred = logits.argmax(1)
     return 100.0 * (pred == test_set[1].to(machine.device)).float().mean().item()
 
 
 def evaluate(net, run):
-    """k-NN accuracy of the backbone and the collapse metrics of the current model.
-    -> (percent, metrics)."""
+    """k-NN accuracy of the backbone and the collapse metrics of the current model; for an output
+    of 2 or 3 axes also its points (the paper's Figure 2: Appendix F). -> the log row's entries."""
     cfg, machine, images = run.cfg, run.machine, run.images
     share_buffers(net)  # under torchrun: BatchNorm statistics as on process 0 (Appendix B)
     train_f = gather_shards(encode(net.encoder, images.bank, machine), len(run.data.train_y))
     test_f = gather_shards(encode(net.encoder, images.test, machine), len(run.data.test_y))
+    check_finite("the backbone's features", [train_f, test_f])  # a diverged network is not scored
     acc = knn_accuracy(train_f, run.data.train_y, test_f, run.data.test_y, cfg.knn_k, cfg.knn_t)
     metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine,
                                images.n_metric)
@@ -507,7 +537,10 @@ def evaluate(net, run):
         ## l is down at eps x the mean: the network has found that eps lets it drop directions.
         print0(machine, f"warning: the whitened output is not white (std {metrics['normalized']['std']:.2f}, "
                         f"should be 1): eps is damping directions the network collapsed; try a smaller --eps")
-    return acc, metrics
+    row = {"knn_acc": acc, "collapse": metrics}
+    if cfg.proj_dim <= 3:
+        row["projection"] = projection_points(net, run)
+    return row
 
 
 # =============================================================================================
@@ -515,11 +548,12 @@ def evaluate(net, run):
 # =============================================================================================
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
+def lr_factor(step, total, warmup):
+    """The schedule, as a multiple of the peak learning rate at `step`: a linear warm-up from 0
+    over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
-        return peak * step / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 @dataclass
@@ -547,7 +581,7 @@ def build_trainer(cfg, machine, steps_per_epoch, step_kind="eager"):
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr * cfg.batch_size / 256, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     total, warm = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, warm, 1.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.amp_dtype == torch.float16)
     return Trainer(cfg, machine, net, model, opt, sched, scaler, torch.Generator(device=machine.device))
 
@@ -591,7 +625,7 @@ def train_one_epoch(tr, step, train_x, epoch):
                 raise Diverged(f"loss is {mean} at epoch {epoch}, step {i + 1}")
             bar.set_postfix(loss=f"{mean:.4g}", lr=f"{current_lr(tr.opt):.4g}",
                             img_s=f"{(i + 1) * cfg.batch_size / (time.perf_counter() - t0):.0f}")
-    check_finite(tr.net, epoch)  # one reduction: a non-finite weight is never saved as good
+    check_finite(f"the weights after epoch {epoch}", [*tr.net.parameters(), *tr.net.buffers()])
     return loss_sum.item() / max(1, steps), steps * cfg.batch_size / max(synced_clock() - t0, 1e-9)
 
 
@@ -600,20 +634,17 @@ def train(run, step):
     log and checkpoint (an interruption loses one epoch at most). -> the last evaluation."""
     cfg, tr, final = run.cfg, run.tr, None
     if not run.cfg.resume:  # a new run
-        acc, metrics = evaluate(tr.net, run)
-        log_epoch(run, {"epoch": 0, "loss": None, "lr": None, "images_per_s": None,
-                        "knn_acc": acc, "collapse": metrics})
+        log_epoch(run, {"epoch": 0, "loss": None, "lr": None, "images_per_s": None, **evaluate(tr.net, run)})
         save_checkpoint(run, 0)
     for epoch in range(run.start + 1, cfg.epochs + 1):
         try:
             loss, images_per_s = train_one_epoch(tr, step, run.images.train, epoch)
-        except Diverged as e:
+            row = {"epoch": epoch, "loss": loss, "lr": current_lr(tr.opt), "images_per_s": images_per_s}
+            if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
+                row.update(final := evaluate(tr.net, run))
+        except Diverged as e:  # NaN or inf in the loss, the weights or what an evaluation reads
             raise Diverged(f"{e}; the last good checkpoint is {run.path('checkpoint.pt')} "
                            f"(epoch {epoch - 1}). Try a lower --lr") from None
-        row = {"epoch": epoch, "loss": loss, "lr": current_lr(tr.opt), "images_per_s": images_per_s}
-        if epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0):
-            final = evaluate(tr.net, run)
-            row.update(knn_acc=final[0], collapse=final[1])
         log_epoch(run, row)
         save_checkpoint(run, epoch)
     return final
@@ -796,8 +827,8 @@ class Machine:
         return self.rank == 0
 
     @property
-    def memory_format(self):  # channels_last lets cuDNN use its fastest convolutions
-        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+    def memory_format(self):  # channels_last: cuDNN's fastest convolutions, and 1.2-1.4x on a CPU (README)
+        return torch.contiguous_format if self.device.type == "mps" else torch.channels_last
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -831,12 +862,21 @@ def setup_machine(cfg):
         torch.backends.cuda.matmul.allow_tf32 = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    prec = cfg.precision
-    if prec == "auto":
-        prec = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if prec != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {prec} is only supported on CUDA here; use fp32")
+    prec = autocast_precision(device) if cfg.precision == "auto" else cfg.precision
+    if (device.type, prec) in (("cpu", "fp16"), ("mps", "fp16"), ("mps", "bf16")):
+        raise UsageError(f"--precision {prec} is not supported on {device.type} here; use "
+                         f"{'fp32 or bf16' if device.type == 'cpu' else 'fp32'}")
     return Machine(device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[prec], rank, world)
+
+
+def autocast_precision(device):
+    """What --precision auto runs: bf16 on GPUs of compute capability 8.0 and later (A100, H100,
+    RTX 30/40); fp16 with loss scaling on older ones (T4, V100, RTX 20), which have fast fp16 but
+    no bf16 units (torch.cuda.is_bf16_supported() says True there too, by emulation); fp32 on a
+    CPU (exact and comparable; --precision bf16 is faster where the CPU has bf16 units) and MPS."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def print0(machine, *args):
@@ -972,8 +1012,6 @@ def choose_step(cfg, machine):
     why = None
     if machine.world > 1:
         why = "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"
-    elif machine.amp_dtype == torch.float16:
-        why = "--precision fp16 needs a loss scaler that reads the GPU every step: eager step"
     elif cfg.decorr == "zca" and cfg.whiten == "eigh":
         why = "--whiten eigh waits for the host, which a CUDA graph cannot hold: eager step"
     elif not graphs_replay_generators():
@@ -1010,15 +1048,17 @@ def cuda_graph(step_fn, tr, train_x, capture=True):
 def graph_ready_step(step_fn, tr, batch_shape, capture):
     device = tr.machine.device
     static_x = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
+    if tr.scaler.is_enabled():
+        tr.scaler.scale(torch.zeros((), device=device))  # makes the fp16 loss scale's tensors, held by the graph
     saved = save_state(tr)
-    graph_optimizer(tr.opt, device)
+    graph_optimizer(tr.opt, device, tr.scaler.is_enabled())
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warm_up(lambda: step_fn(tr, static_x), device)
         static_loss, replay = capture_graph(lambda: step_fn(tr, static_x), [tr.aug_gen]) if capture else (None, None)
     except BaseException:
         restore_state(tr, saved)
-        eager_optimizer(tr.opt.param_groups)
+        eager_optimizer(tr.opt.param_groups, tr.opt)
         raise
     restore_state(tr, saved)
 
@@ -1060,9 +1100,15 @@ def capture_graph(fn, generators=()):
     return out, graph.replay
 
 
+def scaler_tensors(scaler):
+    """The fp16 loss scale and its growth counter, which a scaled step updates in place on the device."""
+    return [t for t in (scaler._scale, scaler._growth_tracker) if t is not None] if scaler.is_enabled() else []
+
+
 def save_state(tr):
-    """Copies of what a step changes: parameters, buffers (BatchNorm statistics), momentum."""
-    tensors = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers())]
+    """Copies of what a step changes: parameters, buffers (BatchNorm statistics), the loss
+    scale, momentum."""
+    tensors = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers(), *scaler_tensors(tr.scaler))]
     momentum = {p: s["momentum_buffer"].clone() for p, s in tr.opt.state.items()
                 if torch.is_tensor(s.get("momentum_buffer"))}
     return tensors, momentum
@@ -1080,27 +1126,33 @@ def restore_state(tr, saved):
                 s["momentum_buffer"].copy_(momentum[p]) if p in momentum else s["momentum_buffer"].zero_()
 
 
-def graph_optimizer(opt, device):
+def graph_optimizer(opt, device, scaled=False):
     """SGD as a graph holds it: the learning rate a 0-dim device tensor (LambdaLR fills it in
-    place between replays) and, on CUDA, the fused kernel (foreach SGD breaks the capture)."""
+    place between replays), read by the fused kernel on the device (foreach SGD breaks the
+    capture; single-tensor SGD reads a tensor lr on the host). scaled (fp16): the fused kernel
+    also takes GradScaler's scale and found-inf flag and skips a step with inf gradients on
+    the device; unfused, GradScaler reads that flag on the host every step."""
     for g in opt.param_groups:
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        if device.type == "cuda":
-            g["fused"], g["foreach"] = True, False
+        g["fused"], g["foreach"] = True, False
+    opt._step_supports_amp_scaling = scaled  # what SGD(fused=True) sets at construction
 
 
-def eager_optimizer(param_groups):
+def eager_optimizer(param_groups, opt=None):
     """SGD's settings as the eager step has them (a float learning rate, the default kernel):
     after a failed capture, and in checkpoints, so either step resumes with either."""
     for g in param_groups:
         g["lr"], g["fused"], g["foreach"] = float(g["lr"]), None, None
+    if opt is not None:
+        opt._step_supports_amp_scaling = False
 
 
 def graph_inputs(tr):
     """Addresses of every tensor the graph reads or updates in place."""
     momentum = [s["momentum_buffer"] for s in tr.opt.state.values() if torch.is_tensor(s.get("momentum_buffer"))]
     lrs = [g["lr"] for g in tr.opt.param_groups if torch.is_tensor(g["lr"])]
-    return [t.data_ptr() for t in (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs)]
+    held = (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs, *scaler_tensors(tr.scaler))
+    return [t.data_ptr() for t in held]
 
 
 def check_graph_inputs(tr):
@@ -1161,10 +1213,15 @@ def build_parser():
         elif default is False:
             groups[title].add_argument(flag, action="store_true", help=f"{text} (default: off)")
         else:
-            groups[title].add_argument(flag, type=type(default), default=default, choices=CHOICES.get(name),
-                                       help=f"{text} (default: {default})")
+            groups[title].add_argument(flag, type=group_count if name == "groups" else type(default),
+                                       default=default, choices=CHOICES.get(name), help=f"{text} (default: {default})")
     add_other_flags(groups["data"].add_argument, groups["run"].add_argument)
     return p
+
+
+def group_count(text):
+    """--groups: a number, or "auto" (check_config resolves it)."""
+    return text if text == "auto" else int(text)
 
 
 def add_other_flags(data, arg):
@@ -1179,7 +1236,9 @@ def add_other_flags(data, arg):
                                   "where its table is kept, default: not kept)")
     arg("--resume", default="", metavar="DIR", help="continue the run in DIR (default: start a new run)")
     arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto: CUDA, MPS, or CPU")
-    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="default auto: bf16 on CUDA")
+    arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast precision; default auto: bf16 on GPUs of compute capability 8.0 and later, fp16 "
+             "(loss-scaled) on older ones, fp32 on a CPU or MPS")
     arg("--no-graph", dest="graph", action="store_false",
         help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
@@ -1192,7 +1251,8 @@ def add_other_flags(data, arg):
 
 
 def check_config(cfg, world=1):
-    """Everything that can be wrong with the flags, found before any work starts."""
+    """Everything that can be wrong with the flags, found before any work starts; resolves
+    --groups auto, so config.json records the G that ran."""
     if cfg.batch_size < 2 or cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images, split "
                          f"evenly over the {world} process(es)")
@@ -1207,14 +1267,18 @@ def check_config(cfg, world=1):
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
     if cfg.image_size < 8:
         raise UsageError("--image-size must be at least 8 pixels")
+    how = f"--groups {cfg.groups}"
+    if cfg.groups == "auto":  # the authors' rule: groups of about half the batch
+        cfg.groups = math.ceil(2 * cfg.proj_dim / cfg.batch_size)
+        how = f"--groups auto (ceil(2 x {cfg.proj_dim} / {cfg.batch_size}) = {cfg.groups})"
     if cfg.decorr == "zca":
         if cfg.groups < 1 or cfg.proj_dim % cfg.groups:
-            raise UsageError(f"--groups {cfg.groups} does not divide --proj-dim {cfg.proj_dim}")
+            raise UsageError(f"{how} does not divide --proj-dim {cfg.proj_dim}")
         size = cfg.proj_dim // cfg.groups
         if size >= cfg.batch_size:
             ## After centring, N samples span at most N-1 directions: a group of N or more axes
             ## has a singular covariance, and whitening it would divide by ~0.
-            raise UsageError(f"group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than "
+            raise UsageError(f"{how}: group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than "
                              f"the batch {cfg.batch_size}; use more --groups or a larger --batch-size")
 
 
@@ -1308,8 +1372,16 @@ def open_run(cfg, machine, data, images, tr):
 
 def settings_notes(cfg, machine, tr):
     """One line for each setting that makes a run's numbers easy to misread."""
-    if machine.device.type == "cpu":
-        yield "running on the CPU: fine for --arch small and subsets, very slow for a full run"
+    device = machine.device
+    if device.type == "cpu":
+        yield ("running on the CPU: fine for --arch small and subsets, very slow for a full run"
+               + ("" if machine.amp_dtype else "; --precision bf16 is faster where the CPU has bf16 units (README)"))
+    if device.type == "mps" and cfg.decorr != "none":
+        yield ("Apple MPS has no float64: the whitening runs in float32, which raises its eps to S x 1.2e-7 "
+               "(3.8e-6 for groups of 32), near where eps damps directions (README); watch for 'not white'")
+    if device.type == "cuda" and machine.amp_dtype == torch.bfloat16 and \
+            torch.cuda.get_device_capability(device) < (8, 0):
+        yield "this GPU has no bf16 units (compute capability below 8.0): bf16 is emulated and slow; try fp16"
     if cfg.warmup_epochs >= cfg.epochs:
         yield (f"the {cfg.warmup_epochs:g}-epoch warm-up is not shorter than the {cfg.epochs}-epoch run: the "
                f"learning rate never reaches its peak (--warmup-epochs sets it)")
@@ -1380,11 +1452,12 @@ def reseed_epoch(tr, epoch, n):
     return order
 
 
-def check_finite(net, epoch):
-    """Stops the run if a parameter or buffer is NaN or inf (one reduction, one host read)."""
-    finite = torch.stack([torch.isfinite(t).all() for t in (*net.parameters(), *net.buffers())]).all()
-    if not finite.item():
-        raise Diverged(f"the weights are not finite after epoch {epoch}")
+def check_finite(what, tensors):
+    """Stops the run (Diverged) if a tensor holds a NaN or inf: one reduction, one host read.
+    Before every checkpoint (the weights) and on everything an evaluation reads, so nothing
+    non-finite is saved as good, scored, or handed to an eigensolver."""
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
+        raise Diverged(f"{what} are not finite")
 
 
 def save_checkpoint(run, epoch):
@@ -1423,7 +1496,8 @@ def finish_run(run, final):
     """Linear probe and results.json. final: train()'s last evaluation, or None (a run resumed
     after its last epoch, interrupted in the probe), which measures the final state again."""
     cfg, tr, machine = run.cfg, run.tr, run.machine
-    acc, metrics = final or evaluate(tr.net, run)
+    final = final or evaluate(tr.net, run)
+    acc, metrics = final["knn_acc"], final["collapse"]
     rows = read_log(run.path("log.jsonl")) if machine.is_main else []  # the whole run, resumed parts included
     speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
     results = {"knn_acc": acc, "collapse": metrics, "epochs": cfg.epochs,
@@ -1431,10 +1505,14 @@ def finish_run(run, final):
                "knn_curve": [[r["epoch"], r["knn_acc"]] for r in rows if "knn_acc" in r], **step_record(tr)}
     if cfg.linear_epochs > 0:
         t0 = time.perf_counter()
-        results["linear_acc"] = linear_accuracy(
-            tr.net.encoder, tr.net.feat_dim, (run.images.train_all, run.data.train_y),
-            (run.images.test, run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
-            cfg.progress)
+        try:
+            results["linear_acc"] = linear_accuracy(
+                tr.net.encoder, tr.net.feat_dim, (run.images.train_all, run.data.train_y),
+                (run.images.test, run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
+                cfg.progress)
+        except Diverged as e:
+            raise Diverged(f"{e} in the linear probe; the trained network is in {run.path('checkpoint.pt')} "
+                           f"(epoch {cfg.epochs})") from None
         results["linear_time_s"] = time.perf_counter() - t0
         print0(machine, f"linear probe ({cfg.linear_epochs} epochs): {results['linear_acc']:.2f}%")
     results["time_s"] = time.perf_counter() - run.t0
@@ -1805,7 +1883,8 @@ def benchmark_title(cfg, machine):
     prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
     norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
                          if cfg.decorr == "zca" else "")
-    return (f"benchmark: {cfg.arch}, batch {cfg.batch_size}, {cfg.image_size} px, decorr {norm}, {prec}, "
+    layout = "channels_last" if machine.memory_format == torch.channels_last else "contiguous"
+    return (f"benchmark: {cfg.arch}, batch {cfg.batch_size}, {cfg.image_size} px, decorr {norm}, {prec}, {layout}, "
             f"{provenance(machine)['device_name']}, torch {torch.__version__}, fdsl {code_version(short=True)}; mean "
             f"of {cfg.benchmark_steps} calls after {WARMUP_STEPS} untimed ones")
 
@@ -1840,6 +1919,23 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
         write_atomic(os.path.join(cfg.out, "benchmark.md"), f"`{cfg.command}`\n\n```\n" + "\n".join(out) + "\n```\n")
         write_atomic(os.path.join(cfg.out, "benchmark.json"), json.dumps(figures, indent=2))
     return figures
+
+
+PROJECTION_POINTS = 2000  # at most this many test images' outputs are kept for Figure 2
+
+
+def projection_points(net, run):
+    """The paper's Figure 2 for an output of 2 or 3 axes: the normalization layer's output for
+    the first (at most) 2,000 test images in their evaluation view, the same images at every
+    evaluation, measured as the projector metrics are (train mode, on a copy, in full training
+    batches), so a collapsing output cannot look healthy. -> {"points": [[x, y], ...], "labels"}."""
+    cfg, machine = run.cfg, run.machine
+    n = min(PROJECTION_POINTS, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
+    if n == 0:
+        return {"points": [], "labels": []}
+    _, z = train_mode_outputs(net, run.images.test[: n // machine.world], cfg.batch_size // machine.world,
+                              machine, n)
+    return {"points": [[float(f"{v:.4g}") for v in p] for p in z.tolist()], "labels": run.data.test_y[:n].tolist()}
 
 
 def read_run(d):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fdsl
 
@@ -116,7 +117,7 @@ def test_both_views_in_one_call_equal_two_calls(arch, predictor):
     # outputs, gradients and running statistics as two calls give them, to float rounding.
     import copy
     cfg = fdsl.build_parser().parse_args(["--arch", arch, "--proj-dim", "64", "--proj-hidden", "128", "--groups",
-                                          "4", "--pred-hidden", "32"] + ["--predictor"] * predictor)
+                                          "8", "--pred-hidden", "32"] + ["--predictor"] * predictor)
     torch.manual_seed(0)
     one = fdsl.build_model(cfg)
     two = copy.deepcopy(one)
@@ -353,6 +354,70 @@ def test_whitening_gradients_are_finite():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def copied_whitening_layer():
+    """What a reader gets by pasting fdsl.py's import lines and its copy blocks into a new file."""
+    lines = open(os.path.join(HERE, "fdsl.py")).read().splitlines(keepends=True)
+    imports = [l for l in lines[: next(i for i, l in enumerate(lines) if l.startswith("# ====="))]
+               if l.startswith(("import ", "from "))]
+    starts = [i for i, l in enumerate(lines) if l.startswith("# --- copy from here")]
+    ends = [i for i, l in enumerate(lines) if l.startswith("# --- copy to here")]
+    assert len(starts) == len(ends) == 2
+    blocks = "".join("".join(lines[s:e + 1]) for s, e in zip(starts, ends))
+    namespace = {}
+    exec(compile("".join(imports) + blocks, "copied.py", "exec"), namespace)
+    return namespace, blocks
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_the_whitening_layer_copies_out_and_runs_alone(method):
+    ns, blocks = copied_whitening_layer()
+    assert "U diag(l^-1/2) U^T" in blocks  # the ZCA formula is in what a reader copies
+    x = correlated(256, 64)
+    for shuffle in (True, False):
+        for training in (True, False):
+            layer = ns["GroupWhitening"](64, groups=4, shuffle=shuffle, eps=1e-8, dtype=torch.float64,
+                                         method=method).train(training)
+            xi = x.clone().requires_grad_()
+            torch.manual_seed(0)
+            y = layer(xi)
+            torch.manual_seed(0)
+            assert torch.equal(y, fdsl.GroupWhitening(64, 4, shuffle, 1e-8, torch.float64, method).train(training)(x))
+            perm = layer.last_perm if shuffle else torch.arange(64)
+            cov = block_covariances(y[:, perm].detach(), 4)
+            assert (cov - torch.eye(16, dtype=cov.dtype)).abs().max() < 1e-3
+            (y * torch.randn_like(y)).sum().backward()
+            assert torch.isfinite(xi.grad).all() and xi.grad.abs().sum() > 0
+    # The layer leaves autocast itself: under bf16 autocast its float32 math stays float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = ns["GroupWhitening"](64, groups=4, dtype=torch.float32, method=method)
+        y = layer(x.float())
+    cov = block_covariances(y.double()[:, layer.last_perm], 4)
+    assert y.dtype == torch.float32 and (cov - torch.eye(16, dtype=cov.dtype)).abs().max() < 1e-3
+    # A group not smaller than the batch is refused by the copied layer too, not whitened badly.
+    with pytest.raises(ValueError, match="need more than 64 samples, got 32"):
+        ns["GroupWhitening"](64, groups=1, method=method)(torch.randn(32, 64))
+
+
+def test_a_group_not_smaller_than_the_batch_is_refused():
+    # 32 samples span 31 directions: a 64-axis group cannot be white (it came out 0.72 off).
+    for n, groups in ((32, 1), (16, 4), (2, 32)):
+        with pytest.raises(ValueError, match="samples"):
+            fdsl.GroupWhitening(64, groups=groups)(torch.randn(n, 64))
+        with pytest.raises(ValueError, match="samples"):  # both views in one call: N is per view
+            fdsl.GroupWhitening(64, groups=groups)(torch.randn(2, n, 64))
+    fdsl.GroupWhitening(64, groups=2)(torch.randn(33, 64))  # 32 axes, 33 samples: fine
+    fdsl.GroupWhitening(64, groups=64)(torch.randn(2, 64))  # groups of one axis (bn) need 2
+
+
+def test_groups_of_one_axis_get_the_same_eps_floor_as_larger_groups():
+    x = correlated(64, 8).float()
+    floor = fdsl.whitening_eps(0.0, 1, torch.float32)
+    assert floor == torch.finfo(torch.float32).eps
+    y = fdsl.GroupWhitening(8, groups=8, eps=0.0, dtype=torch.float32)(x)
+    xc = x - x.mean(0)
+    torch.testing.assert_close(y, xc / (xc.square().mean(0) * (1 + floor)).sqrt(), atol=1e-6, rtol=1e-6)
+
+
 def test_whitening_rejects_bad_configurations():
     with pytest.raises(ValueError):
         fdsl.GroupWhitening(64, groups=5)
@@ -428,6 +493,16 @@ def test_eval_transform_is_the_authors_resize_and_centre_crop():
     assert ours.dtype == torch.uint8 and ours.shape == x.shape
     assert (ours.int() - ref.int()).abs().max() <= 1  # PIL's rounding, at most one grey level
     assert (ours.int() - x.int()).abs().float().mean() > 5  # and it is not the raw image
+
+
+def test_eval_transform_resizes_by_the_authors_rule_at_every_size():
+    # int(size x 8/7): 36 for 32 px, 73 for 64 px (round(size x 9/8) would give 72)
+    from PIL import Image
+    import torchvision.transforms as T
+    x = images(4, size=64)
+    pil = T.Compose([T.Resize(73, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64)])
+    ref = torch.stack([TF.pil_to_tensor(pil(Image.fromarray(im.permute(1, 2, 0).numpy()))) for im in x])
+    assert (fdsl.eval_transform(x).int() - ref.int()).abs().max() <= 1
 
 
 def test_hue_shift_matches_torchvision():
@@ -601,6 +676,12 @@ def test_standardization_collapses_dimensions_and_whitening_does_not(findings):
     assert zca["eff_rank"] > 3 * bn["eff_rank"]
 
 
+def test_groups_auto_is_the_authors_rule():
+    groups = lambda *a: fdsl.resolve_config(["--groups", "auto", *a]).groups
+    assert groups() == 16 and groups("--batch-size", "512") == 2 and groups("--batch-size", "32") == 32
+    assert groups("--batch-size", "128", "--proj-dim", "2") == 1  # ceil(2 x D / N): groups of about N / 2
+
+
 def test_run_writes_its_files(findings, findings_dir):
     results, log = findings["zca"]
     assert [row["epoch"] for row in log] == list(range(5))
@@ -641,6 +722,10 @@ def test_outside_a_checkout_the_version_is_the_files_hash(tmp_path, monkeypatch)
     (["--resume", "/nonexistent/run"], "no checkpoint"),
     (["--epochs", "0"], "at least 1"),
     (["--eps", "-1"], "must not be negative"),
+    (["--proj-dim", "2"], "--groups 16 does not divide --proj-dim 2"),
+    (["--groups", "auto", "--batch-size", "48"], "--groups auto (ceil(2 x 512 / 48) = 22) does not divide"),
+    (["--groups", "two"], "invalid group_count value"),
+    (["--device", "cpu", "--precision", "fp16"], "not supported on cpu"),
 ])
 def test_bad_input_exits_2_with_one_line(args, words, capsys):
     with pytest.raises(SystemExit) as e:
@@ -747,6 +832,39 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch
     assert ("nan" in err or "non-finite" in err) and str(tmp_path / "nan" / "checkpoint.pt") in err and "(epoch 1)" in err
 
 
+@pytest.mark.parametrize("where,words", [("encode", "the backbone's features"),
+                                         ("project", "the projector's outputs")])
+def test_non_finite_outputs_at_an_evaluation_stop_the_run(tmp_path, monkeypatch, capsys, where, words):
+    # A network can pass the weight check yet give NaN features (an overflow in eval mode, say):
+    # k-NN, the metrics (eigvalsh) and the probe must never see them. Two calls per evaluation
+    # (the k-NN bank and test set; the two metric batches): NaN from epoch 2's evaluation on.
+    owner = fdsl if where == "encode" else fdsl.SiameseNet
+    real, calls = getattr(owner, where), []
+
+    def diverged(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if where == "encode" or not torch.is_grad_enabled():  # the evaluations, not the training steps
+            calls.append(1)
+            return out * float("nan") if len(calls) > 4 else out
+        return out
+    monkeypatch.setattr(owner, where, diverged)
+    with pytest.raises(SystemExit) as e:
+        fdsl.main(SHORT + ["--out", str(tmp_path / "nan")])
+    err = capsys.readouterr().err.strip()
+    checkpoint = tmp_path / "nan" / "checkpoint.pt"
+    assert e.value.code == 1 and "\n" not in err and "Traceback" not in err
+    assert f"{words} are not finite; the last good checkpoint is {checkpoint} (epoch 1)" in err
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    assert [row["epoch"] for row in fdsl.read_log(tmp_path / "nan" / "log.jsonl")] == [0, 1]
+
+
+def test_bf16_on_a_cpu_runs_to_the_end(tmp_path):
+    results = fdsl.main(SHORT + ["--precision", "bf16", "--epochs", "2", "--out", str(tmp_path / "bf16")])
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["precision"] == "bf16" and 0 <= results["linear_acc"] <= 100
+    assert results["collapse"]["normalized"]["std"] > 0.99  # the whitening stays in float64 under bf16
+
+
 def test_newton_path_to_a_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys):
     # No eigh on this path (the graph step's): only the loss check can stop it.
     with pytest.raises(SystemExit) as e:
@@ -772,7 +890,7 @@ def test_non_finite_weights_behind_a_finite_loss_are_never_saved_as_good(tmp_pat
     with pytest.raises(SystemExit) as e:
         fdsl.main(SHORT + ["--out", str(tmp_path / "w")])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "weights are not finite after epoch 2" in err and "(epoch 1)" in err
+    assert e.value.code == 1 and "weights after epoch 2 are not finite" in err and "(epoch 1)" in err
     assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
@@ -912,21 +1030,74 @@ GRAPH_ARGS = ["--dataset", "synthetic", "--arch", "small", "--proj-dim", "64", "
               "--groups", "4", "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--whiten", "newton"]
 
 
-def trainer_run(graph_ready, steps=6):
+def trainer_run(graph_ready, steps=6, amp_dtype=None):
     cfg = fdsl.build_parser().parse_args(GRAPH_ARGS)
-    tr = fdsl.build_trainer(cfg, fdsl.Machine(torch.device("cpu"), None), steps_per_epoch=8)
+    tr = fdsl.build_trainer(cfg, fdsl.Machine(torch.device("cpu"), amp_dtype), steps_per_epoch=8)
     xs = torch.randint(0, 256, (steps, 32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     step = lambda x: fdsl.train_step(tr, x)
     if graph_ready:  # warm-up steps (undone), tensor learning rate, static input buffer
         step = fdsl.cuda_graph(fdsl.train_step, tr, xs[0], capture=False)
     tr.aug_gen.manual_seed(5)
     torch.manual_seed(7)
-    losses = []
+    losses, tr.host_reads = [], HostReads()
     for x in xs:
-        loss = step(x).item()
+        with tr.host_reads:  # inside the step only: the loss is read below, as the loop reads it now and then
+            loss = step(x)
+        loss = loss.item()
         tr.sched.step()
         losses.append((loss, fdsl.current_lr(tr.opt)))
     return losses, tr
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), bool(), a Python branch on a
+    tensor): each makes a GPU step wait for the GPU, and a CUDA graph cannot hold one."""
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # a skipped fp16 step looks to torch like a missing one
+def test_the_graph_ready_step_never_waits_for_the_device_fp16_included():
+    # What a CUDA graph needs of the step, checked on the CPU: no value read by the host. With
+    # fp16, GradScaler and the fused SGD keep it so (the scale and the found-inf flag go to the
+    # kernel; the scale is updated on the device); the eager step's GradScaler reads every step.
+    for amp_dtype in (None, torch.bfloat16):
+        _, tr = trainer_run(True, steps=3, amp_dtype=amp_dtype)
+        assert tr.host_reads.count == 0
+    graph, tg = trainer_run(True, amp_dtype=torch.float16)
+    if tg.graph_holds is None:  # cuda_graph fell back to the eager step, as it does on any failure
+        pytest.skip("this torch has no fused SGD on the CPU")
+    eager, te = trainer_run(False, amp_dtype=torch.float16)
+    assert tg.host_reads.count == 0 and te.host_reads.count == 6
+    assert tg.scaler.get_scale() == te.scaler.get_scale() < 65536.0  # inf gradients skipped alike, scale lowered
+    assert [loss for loss, _ in graph] == pytest.approx([loss for loss, _ in eager], rel=1e-4)
+    for p, q in zip(tg.net.parameters(), te.net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_on_the_cpu_trains_as_contiguous_does(monkeypatch):
+    assert fdsl.Machine(torch.device("cpu"), None).memory_format == torch.channels_last
+    # Float rounding differs (other kernels), and the whitening amplifies it from step 4 on (7e-4)
+    channels_last, _ = trainer_run(False, steps=3)
+    monkeypatch.setattr(fdsl.Machine, "memory_format", property(lambda self: torch.contiguous_format))
+    contiguous, _ = trainer_run(False, steps=3)
+    assert [loss for loss, _ in channels_last] == pytest.approx([loss for loss, _ in contiguous], rel=1e-4)
+
+
+@pytest.mark.parametrize("capability,precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_auto_precision_follows_the_gpus_compute_capability(monkeypatch, capability, precision):
+    # V100 7.0, T4 7.5: no bf16 units, although torch.cuda.is_bf16_supported() says True (emulation)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    machine = fdsl.setup_machine(fdsl.build_parser().parse_args(["--device", "cuda"]))
+    assert machine.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert fdsl.autocast_precision(torch.device("cpu")) == "fp32"  # the CPU stays exact by default
 
 
 def test_graph_ready_step_trains_exactly_like_train_step():
@@ -945,7 +1116,7 @@ def test_graph_ready_step_trains_exactly_like_train_step():
     lr = tg.opt.param_groups[0]["lr"]
     assert torch.is_tensor(lr) and lr.dim() == 0  # filled in place by the schedule, between replays
     for step, (_, value) in enumerate(graph, start=1):
-        assert value == pytest.approx(fdsl.lr_at(step, 16, 8, 0.02 * 32 / 256), rel=1e-6)  # 2 epochs of 8
+        assert value == pytest.approx(0.02 * 32 / 256 * fdsl.lr_factor(step, 16, 8), rel=1e-6)  # 2 epochs of 8
 
 
 def test_the_graph_step_refuses_a_batch_of_another_shape():
@@ -974,8 +1145,9 @@ def test_step_choice_follows_the_machine_and_flags(monkeypatch, capsys):
     assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cpu"), None)) == "eager"
     assert fdsl.choose_step(cfg("--no-graph"), cuda) == "eager"
     assert capsys.readouterr().out == ""  # nothing to explain: the graph was used or not wanted
+    # fp16 too: its loss-scaled step is graph-safe with the fused SGD (test_the_loss_scaled_step_...)
+    assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cuda"), torch.float16)) == "graph"
     for machine, args, words in [(fdsl.Machine(torch.device("cuda"), torch.bfloat16, 0, 2), [], "torchrun"),
-                                 (fdsl.Machine(torch.device("cuda"), torch.float16), [], "fp16"),
                                  (cuda, ["--whiten", "eigh"], "eigh")]:
         assert fdsl.choose_step(cfg(*args), machine) == "eager"
         out = capsys.readouterr().out
