@@ -18,20 +18,21 @@ normalization layer -> optional predictor) and the loss pulls the outputs togeth
 normalization the network maps every image to one point: complete collapse. Standardizing
 each axis (BN) forbids that, but the axes move together and the output lives in a few
 directions: dimensional collapse. Whitening (ZCA in shuffled groups) decorrelates the axes
-by construction: no collapse of either kind, and better features.
+by construction: no collapse of either kind, and better features. And how correlated the
+features are, measured without labels, tells good representations from bad ones.
 
 Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations, 4 the
-paper's layer, 5 model, 6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The
-appendices are machinery, each skippable: A numerics of C^(-1/2), B devices and several GPUs,
-C the fast path, D settings and run files, E data readers and augmentation kernels, F tools.
-The whitening layer copies out: the blocks between "# --- copy from here" and "# --- copy to
-here" run on their own after the imports below. `##` comments teach the method, `#` comments
-are for whoever maintains the code. README.md has the results, each with its command.
+paper's layer (it copies out: the blocks between "# --- copy from here" and "# --- copy to
+here" run on their own after the imports below), 5 model, 6 loss, 7 collapse metrics,
+8 evaluation, 9 training, 10 main. The appendices are machinery, each skippable: A numerics
+of C^(-1/2), B devices and GPUs, C the fast path, D settings and run files, E data readers and
+augmentation kernels, F tools. `##` comments teach the method, `#` ones are for maintainers.
 """
 
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -112,7 +113,8 @@ class Data:
 
 
 def load_data(cfg):
-    """CIFAR (folders, generated data: Appendix E), in class-balanced subsets if asked. -> Data."""
+    """CIFAR, an image folder or generated data (readers: Appendix E), in class-balanced subsets
+    if asked. -> Data."""
     if cfg.dataset in ("cifar10", "cifar100"):
         data = load_cifar(cfg.dataset, cfg.data_dir)
     elif cfg.dataset == "folder":
@@ -122,19 +124,6 @@ def load_data(cfg):
     data.train_x, data.train_y = balanced_subset(data.train_x, data.train_y, cfg.train_subset, cfg.seed)
     data.test_x, data.test_y = balanced_subset(data.test_x, data.test_y, cfg.test_subset, cfg.seed + 1)
     return data
-
-
-def load_cifar(name, root):
-    """CIFAR-10/100: the copy in `root`, else a download there."""
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        sets = [cls(root, train=t, download=True) for t in (True, False)]  # downloads only what is missing
-    except (OSError, RuntimeError) as e:
-        raise UsageError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
-                         f"use --dataset folder --data-dir DIR (train/, test/) or --dataset synthetic") from None
-    xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
-    ys = [torch.tensor(s.targets, dtype=torch.long) for s in sets]
-    return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
 
 
 # =============================================================================================
@@ -192,15 +181,13 @@ class GroupWhitening(nn.Module):
     ## S >= N). Shuffling the axes into new groups at every call (a fresh permutation, undone
     ## after) decorrelates every pair of axes over training, not only pairs that share a group.
     groups=1 is full ZCA (DBN), shuffle=False grouped DBN, groups=D standardizes each axis.
-    eps is relative to m (why: whitening_matrix) and never below S x the machine epsilon of
-    `dtype` (whitening_eps: 7e-15 for S = 32 in float64), so eps=0 is the authors' layer up to
-    that floor. Statistics come from the batch in train and eval mode (no running averages,
-    as the authors'), in `dtype`, never under autocast. global_batch: in train mode, the
-    statistics of every process's samples (torchrun). method: "eigh" or "newton" (the same W,
-    Appendix A). x: N x D, or V x N x D for V views (each its own statistics and permutation,
-    as V calls) -> same shape and dtype. `last_perm`: the last permutation (D or V x D), drawn
-    from the default generator of x's device (torch.manual_seed seeds those of the CPU and
-    of every GPU)."""
+    eps: relative to m (why: whitening_matrix), at least S x dtype's machine epsilon (7e-15 for
+    S = 32 in float64), so eps=0 is the authors' layer up to that floor. Batch statistics in
+    train and eval mode (no running averages, as the authors'), in `dtype`, outside autocast;
+    global_batch: in train mode, over every process's samples (torchrun). method: eigh or
+    newton (the same W, Appendix A). x: N x D, or V x N x D for V views (each its own
+    statistics and permutation, as V calls) -> same shape and dtype. `last_perm` (D or V x D):
+    from the default generator of x's device (torch.manual_seed seeds the CPU's and GPUs')."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
@@ -223,8 +210,7 @@ class GroupWhitening(nn.Module):
             raise ValueError(f"expected (V x) N x {self.num_features} features with N >= 2, got {tuple(x.shape)}")
         v, g, s = x.numel() // (n * d), self.groups, d // self.groups
         sync = self.global_batch and self.training
-        samples = n * (dist.get_world_size() if sync and distributed() else 1)  # whitened together
-        if s >= samples:
+        if s >= (samples := n * (dist.get_world_size() if sync and distributed() else 1)):  # whitened together
             raise ValueError(f"groups of {s} axes need more than {s} samples, got {samples}: N samples span "
                              f"N - 1 directions, so the covariance would be singular; use more groups")
         with full_precision(x):
@@ -432,26 +418,12 @@ def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
       backbone    backbone_feats: the eval-mode encoder features of the test images (what k-NN scores)
       projector   the projector output in train mode, on metric_x (fixed training images)
       normalized  the paper's layer's output for those same projector outputs
-    ## Train mode, because that is how the network computes the outputs it trains on: in eval
-    ## mode BatchNorm's running averages lag behind and can make a collapsing output look healthy.
-    -> {stage: metrics}."""
+    ## Train mode (on a copy, in training batches: train_mode_outputs, Appendix B), because that
+    ## is how the network computes the outputs it trains on: in eval mode BatchNorm's running
+    ## averages lag behind and can make a collapsing output look healthy. -> {stage: metrics}."""
     y, z = train_mode_outputs(net, metric_x, batch, machine, n_total)
     return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(y),
             "normalized": collapse_metrics(z)}
-
-
-@torch.no_grad()
-def train_mode_outputs(net, x, batch, machine, n_total):
-    """The projector output y and the normalized output z = norm(y) of uint8 images x as the
-    network computes them while it trains: train mode, chunks of the training batch, on a copy
-    (measuring must not move the running averages). -> (y, z), each n_total x D, the images of
-    every process (Appendix B)."""
-    probe = copy.deepcopy(net).train()
-    with machine.autocast():
-        ys = [probe.project(network_input(xb, machine)).float() for xb in x.split(batch)]
-    check_finite("the projector's outputs", ys)  # a diverged network must stop here, not fail in eigh
-    zs = [probe.norm(y) for y in ys]
-    return gather_shards(torch.cat(ys), n_total), gather_shards(torch.cat(zs), n_total)
 
 
 # =============================================================================================
@@ -488,10 +460,9 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, t=0.
 
 def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs, machine, seed, progress=True):
     """Linear probe: Linear(F, classes) on the frozen eval-mode backbone, cross-entropy, SGD
-    momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100), on
-    crops RandomResizedCrop(scale 0.08-1, bicubic) + flip drawn anew each epoch. train_set,
-    test_set: (this process's uint8 images, all labels), test images in the evaluation view;
-    every process trains on every process's features (gathered, Appendix B). -> percent."""
+    momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100), on crops
+    RandomResizedCrop(scale 0.08-1, bicubic) + flip drawn anew each epoch. train_set, test_set:
+    (this process's uint8 images, all labels), the test images in the evaluation view. -> percent."""
     gen = torch.Generator(device=machine.device).manual_seed(seed + PROBE_SEED_STRIDE * (machine.rank + 1))
     order_gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(feat_dim, num_classes).to(machine.device)
@@ -507,7 +478,7 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
                 to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"), machine)).float()
                 for xb in train_set[0].split(1024)]
         feats = gather_shards(torch.cat(feats), n)
-        check_finite("the backbone's features", [feats, clf.weight])  # once per epoch: a NaN never scores
+        check_finite("the backbone's features", [feats])  # once per epoch: a NaN is never scored
         for idx in torch.randperm(n, generator=order_gen).to(machine.device).split(256):
             loss = F.cross_entropy(clf(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
@@ -679,41 +650,33 @@ def main(argv=None):
 
 # =============================================================================================
 # Appendix A. Numerics of C^(-1/2), and sums over processes     (skippable: the method is above)
-# Two ways to the same W: eigh (exact, the reference) and Newton-Schulz (matrix products only,
-# so a CUDA graph can hold it), with finite gradients; then the differentiable sum over
-# processes that whitening over the global batch needs.
+# Two ways to the same W with finite gradients: eigh (exact, the reference) and Newton-Schulz (matrix
+# products only: a CUDA graph holds it); the differentiable sum that whitening the global batch needs.
 # =============================================================================================
 
 # --- copy from here: what GroupWhitening needs besides section 4 -----------------------------
 
 
 def whitening_eps(eps, size, dtype):
-    """The relative eps a group of `size` axes gets in `dtype`: at least size x machine epsilon,
-    by which rounding moves the eigenvalues of C / m (3.8e-6 for 32 axes in float32, 7e-15 in
-    float64); less would not keep them positive (float32 Newton-Schulz turned NaN)."""
+    """eps, raised to size x machine epsilon, by which rounding moves C / m's eigenvalues (3.8e-6: 32, float32)."""
     return max(eps, size * torch.finfo(dtype).eps)
 
 
 def inverse_sqrt(a, floor, method="eigh"):
-    """A^(-1/2) for symmetric positive definite matrices a: ... x S x S whose eigenvalues are
-    at least `floor` in exact arithmetic (whitening_matrix guarantees it)."""
+    """A^(-1/2) of symmetric matrices a: ... x S x S whose eigenvalues are at least `floor`, exactly."""
     if method == "eigh":
         return _InvSqrtEigh.apply(a, floor)
     return inverse_sqrt_newton(a, newton_scales(a.shape[-1], floor, a.dtype))
 
 
 def small_eigh(a, eigenvalues_only=False):
-    """torch.linalg.eigh / eigvalsh for this file's small matrices, single-threaded on the CPU:
-    MKL's threaded eigensolver was 25 to 500 times slower on them (2 cores, measured)."""
-    fn = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh
+    """eigh / eigvalsh, single-threaded on the CPU: MKL's threads were 25-500x slower on small matrices."""
+    fn, threads = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh, torch.get_num_threads()
     if a.device.type == "mps":  # no eigensolver on Apple GPUs: solve on the CPU (differentiably)
         out = small_eigh(a.cpu(), eigenvalues_only)
         return out.to(a.device) if eigenvalues_only else tuple(t.to(a.device) for t in out)
-    if a.device.type != "cpu" or torch.get_num_threads() == 1:
-        return fn(a)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(1 if a.device.type == "cpu" else threads)
         return fn(a)
     finally:
         torch.set_num_threads(threads)
@@ -725,13 +688,11 @@ class _InvSqrtEigh(torch.autograd.Function):
     #     dL/dA = U (K o U^T sym(dL/dW) U) U^T,   K_ij = (l_i^-1/2 - l_j^-1/2) / (l_i - l_j)
     #                                                 = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(l).
     # The second form has no 1/(l_i - l_j): repeated eigenvalues (duplicated axes, rank-deficient
-    # groups) give a finite gradient, where autograd through eigh's eigenvectors gives inf/NaN.
+    # groups) give a finite gradient, where autograd through eigh gives inf/NaN.
     @staticmethod
     def forward(ctx, a, floor):
         evals, evecs = small_eigh(a)
-        # In exact arithmetic every eigenvalue is >= floor (= eps); rounding can push the
-        # smallest below it, or below 0 in float32. Clamping undoes only that rounding.
-        s = evals.clamp_min(floor).sqrt()
+        s = evals.clamp_min(floor).sqrt()  # exactly, every eigenvalue is >= floor: undo the rounding
         ctx.save_for_backward(evecs, s)
         return (evecs / s.unsqueeze(-2)) @ evecs.mT
 
@@ -745,13 +706,9 @@ class _InvSqrtEigh(torch.autograd.Function):
 
 
 def newton_scales(size, eps, dtype):
-    """The per-step scalings of inverse_sqrt_newton that bring every eigenvalue the layer can meet
-    to A^(-1/2) within dtype's precision. With x^2 an eigenvalue of ZY, a step scaled by a maps
-    x -> h(a x), h(t) = (3t - t^3) / 2, and Z's relative error is 1 - x; after the relative eps, x
-    starts in [l, 1], l^2 = eps / (S (1 + eps)). Scaled Newton-Schulz (Chen and Chow, 2014) fits
-    each step to its interval: a = sqrt(3 / (1 + l + l^2)) gives h(a l) = h(a), so [l, 1] maps into
-    [h(a l), 1], the best a cubic can do; a -> 1 as l -> 1. Fixed by (S, eps, dtype), never by the
-    data: 16 steps for 32 axes at eps 1e-8 in float64, where unscaled steps need 32."""
+    """Scaled Newton-Schulz (Chen and Chow, 2014): with x^2 an eigenvalue of ZY, a step scaled by a maps x
+    to h(a x), h(t) = (3t - t^3) / 2; x starts in [l, 1], l^2 = eps / (S (1 + eps)), and a = sqrt(3 / (1 +
+    l + l^2)) gives h(a l) = h(a), the best a cubic can do. 16 steps for 32 axes at 1e-8 in float64."""
     lo, scales = math.sqrt(eps / (size * (1 + eps))), []
     while 1 - lo > torch.finfo(dtype).eps:
         a = math.sqrt(3 / (1 + lo + lo * lo))
@@ -761,12 +718,9 @@ def newton_scales(size, eps, dtype):
 
 
 def inverse_sqrt_newton(a, scales):
-    """A^(-1/2) for a batch of symmetric positive definite ... x S x S matrices by the coupled
-    Newton-Schulz iteration (Higham 2008, eq. 6.35), each step scaled by c (newton_scales) and
-    written with the residual R = (I - c^2 ZY) / 2, three matrix products a step:
-        Y_0 = A / tr(A),  Z_0 = I,   Y <- c (Y + Y R),   Z <- c (Z + R Z)   (Z -> (A / tr A)^(-1/2))
-    Matrix products only (a CUDA graph holds it; autograd differentiates through it), with Y
-    and Z kept symmetric, which halves the float32 rounding; TF32 matmuls must be off."""
+    """A^(-1/2) of symmetric positive definite ... x S x S matrices by coupled Newton-Schulz (Higham 2008,
+    eq. 6.35), scaled by c, with R = (I - c^2 ZY) / 2 (Y, Z kept symmetric: half the float32 rounding):
+        Y_0 = A / tr(A),  Z_0 = I,   Y <- c (Y + Y R),   Z <- c (Z + R Z)   (Z -> (A / tr A)^(-1/2))"""
     size = a.shape[-1]
     eye = torch.eye(size, dtype=a.dtype, device=a.device)
     trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
@@ -808,9 +762,8 @@ def all_reduce_sum(t):
 
 # =============================================================================================
 # Appendix B. Devices and several GPUs                    (skippable: one process needs none of it)
-# Where a run happens (CUDA, Apple MPS or the CPU; bf16, fp16 or fp32) and, under torchrun, one
-# process per GPU: each holds every world-th image, the whitening uses the global batch, the
-# evaluations gather every process's features. In one process these return their input.
+# Where a run happens (CUDA, Apple MPS or the CPU; bf16, fp16 or fp32); under torchrun a process per GPU
+# holds every world-th image and the evaluations gather all. In one process these return their input.
 # =============================================================================================
 
 
@@ -845,13 +798,10 @@ def process_ranks():
 
 def setup_machine(cfg):
     """The device (CUDA, else MPS, else CPU), the autocast precision, and the processes."""
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible")
-    if want == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: Apple MPS is not available")
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    want = next(d for d in have if have[d]) if cfg.device == "auto" else cfg.device
+    if not have[want]:
+        raise UsageError(f"--device {want}: " + ("no CUDA GPU is visible" if want == "cuda" else "no Apple MPS here"))
     rank, world, local = process_ranks()
     device = torch.device(f"cuda:{local}" if want == "cuda" else want)
     if device.type == "cuda":
@@ -870,13 +820,9 @@ def setup_machine(cfg):
 
 
 def autocast_precision(device):
-    """What --precision auto runs: bf16 on GPUs of compute capability 8.0 and later (A100, H100,
-    RTX 30/40); fp16 with loss scaling on older ones (T4, V100, RTX 20), which have fast fp16 but
-    no bf16 units (torch.cuda.is_bf16_supported() says True there too, by emulation); fp32 on a
-    CPU (exact and comparable; --precision bf16 is faster where the CPU has bf16 units) and MPS."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    """--precision auto: bf16 from compute capability 8.0 (A100, H100, RTX 30/40); fp16 with loss scaling
+    below (T4, V100, RTX 20: no bf16 units, though is_bf16_supported() says True); fp32 on CPU and MPS."""
+    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
 def print0(machine, *args):
@@ -904,6 +850,18 @@ def network_input(x, machine):
     return standardize_pixels(to_float(x)).contiguous(memory_format=machine.memory_format)
 
 
+@torch.no_grad()
+def train_mode_outputs(net, x, batch, machine, n_total):
+    """Projector output y and z = norm(y) of uint8 images x as in training: train mode, training batches,
+    on a copy (the running averages must not move). -> (y, z), n_total x D, every process's images."""
+    probe = copy.deepcopy(net).train()
+    with machine.autocast():
+        ys = [probe.project(network_input(xb, machine)).float() for xb in x.split(batch)]
+    check_finite("the projector's outputs", ys)  # a diverged network must stop here, not fail in eigh
+    zs = [probe.norm(y) for y in ys]
+    return gather_shards(torch.cat(ys), n_total), gather_shards(torch.cat(zs), n_total)
+
+
 @dataclass
 class DeviceImages:
     """This process's images on its device, uint8 (under torchrun: every world-th image)."""
@@ -920,8 +878,7 @@ def images_on_device(data, cfg, machine):
     r, w = machine.rank, machine.world
     n_metric = min(cfg.metric_samples, len(data.train_y)) // cfg.batch_size * cfg.batch_size or cfg.batch_size
     metric_idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(cfg.seed))[:n_metric]
-    view = (lambda x: x) if cfg.raw_eval else eval_transform
-    train_all = data.train_x[r::w].to(machine.device)
+    view, train_all = (lambda x: x) if cfg.raw_eval else eval_transform, data.train_x[r::w].to(machine.device)
     return DeviceImages(train_all=train_all, train=train_all[: len(data.train_y) // w],
                         bank=train_all if cfg.raw_eval else view(data.train_x[r::w]).to(machine.device),
                         test=view(data.test_x[r::w]).to(machine.device),
@@ -960,26 +917,22 @@ def share_buffers(net):
 
 
 def wrap_for_processes(net, cfg, machine):
-    """(net, model): under torchrun, SyncBatchNorm on CUDA (unless --no-sync-bn) and the
-    DistributedDataParallel wrapper that averages gradients; (net, net) in one process."""
+    """(net, model): under torchrun SyncBatchNorm on CUDA (unless --no-sync-bn) and the DDP wrapper."""
     if not distributed():
         return net, net
     if cfg.sync_bn and machine.device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     elif cfg.sync_bn:
-        print0(machine, "note: SyncBatchNorm needs CUDA; on CPU each process's BatchNorm uses its own "
-                        "slice (the normalization layer after the projector is still synchronized)")
-    ids = [machine.device.index] if machine.device.type == "cuda" else None
-    return net, nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        print0(machine, "note: SyncBatchNorm needs CUDA: each process's BatchNorm uses its own slice")
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=[machine.device.index] if
+                                                    machine.device.type == "cuda" else None)
 
 
 # =============================================================================================
 # Appendix C. The fast path: the training step as one CUDA graph      (skippable: same step)
-# Eagerly, a GPU step is hundreds of small kernels launched from Python. A CUDA graph records
-# the step once and replays it with one launch, if train_step waits for nothing on the host
-# (Newton-Schulz, not eigh; no .item()), uses the same tensors every time (a fixed input buffer;
-# parameters, buffers, momentum and learning rate changed in place) and draws random numbers
-# only from generators the graph knows (re-seeded per epoch: a replay draws what eager would).
+# Eagerly, a GPU step is hundreds of small kernels launched from Python. A CUDA graph records it once
+# and replays it with one launch, if the step waits for nothing on the host (Newton-Schulz, no .item()),
+# uses the same tensors every time and draws only from generators the graph knows (re-seeded per epoch).
 # =============================================================================================
 
 WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD creates its state
@@ -987,11 +940,9 @@ WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD cre
 
 @contextlib.contextmanager
 def batchnorm_per_view(net, views):
-    """Inside the block, every BatchNorm of net in train mode splits its batch into `views`
-    equal parts and normalizes each with its own statistics, updating its running averages
-    part by part (view 1, then view 2): what separate calls on the parts would do, with one
-    call's convolutions. The same modules and tensors: checkpoints, SyncBatchNorm (whose
-    collectives run once per part) and CUDA graphs see no difference."""
+    """Inside the block, every BatchNorm of net in train mode normalizes each of `views` equal parts of
+    its batch with their own statistics, running averages updated part by part: separate calls on the
+    parts, with one call's convolutions. Same modules: checkpoints and SyncBatchNorm see no difference."""
     def per_view(m):
         whole = type(m).forward  # the module's own forward, on a whole batch
         return lambda x: torch.cat([whole(m, part) for part in x.chunk(views)]) if m.training else whole(m, x)
@@ -1014,7 +965,7 @@ def choose_step(cfg, machine):
         why = "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"
     elif cfg.decorr == "zca" and cfg.whiten == "eigh":
         why = "--whiten eigh waits for the host, which a CUDA graph cannot hold: eager step"
-    elif not graphs_replay_generators():
+    elif not graphs_replay_generators():  # torch 2.11-2.13 register a custom generator, 2.14 on its own
         why = f"torch {torch.__version__} cannot replay the augmentation's generator in a graph: eager step"
     if why:
         print0(machine, f"note: {why}")
@@ -1022,17 +973,14 @@ def choose_step(cfg, machine):
 
 
 def graphs_replay_generators():
-    # torch 2.11 to 2.13 need a custom generator registered with the graph; 2.14 does it itself.
     version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     return hasattr(torch.cuda.CUDAGraph, "register_generator_state") or version >= (2, 14)
 
 
 def cuda_graph(step_fn, tr, train_x, capture=True):
-    """step_fn(tr, x) recorded once as a CUDA graph. -> step(x) for a uint8 batch x: copies x
-    into the graph's input buffer and replays augmentation, forward, loss, backward and SGD.
-    The warm-up steps capture needs are undone: training goes on from exactly the state it had.
-    If the capture fails, one line says why and step_fn runs eagerly from that same state.
-    capture=False does all of this but calls step_fn eagerly, which the CPU tests check."""
+    """step_fn(tr, x) recorded once as a CUDA graph. -> step(x): copies the uint8 batch x into the input
+    buffer and replays augmentation, forward, loss, backward and SGD; the warm-up is undone. A failed
+    capture: one line why, then step_fn eagerly. capture=False: all but the capture (the CPU tests)."""
     batch_shape = (tr.cfg.batch_size // tr.machine.world, *train_x.shape[1:])
     try:
         step = graph_ready_step(step_fn, tr, batch_shape, capture)
@@ -1050,17 +998,18 @@ def graph_ready_step(step_fn, tr, batch_shape, capture):
     static_x = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
     if tr.scaler.is_enabled():
         tr.scaler.scale(torch.zeros((), device=device))  # makes the fp16 loss scale's tensors, held by the graph
-    saved = save_state(tr)
+    restore = snapshot(tr)
     graph_optimizer(tr.opt, device, tr.scaler.is_enabled())
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warm_up(lambda: step_fn(tr, static_x), device)
         static_loss, replay = capture_graph(lambda: step_fn(tr, static_x), [tr.aug_gen]) if capture else (None, None)
     except BaseException:
-        restore_state(tr, saved)
-        eager_optimizer(tr.opt.param_groups, tr.opt)
+        restore()
+        eager_optimizer(tr.opt.param_groups)
+        tr.opt._step_supports_amp_scaling = False
         raise
-    restore_state(tr, saved)
+    restore()
 
     def step(x):
         if x.shape != static_x.shape:  # copy_ would broadcast a smaller batch silently
@@ -1087,8 +1036,7 @@ def warm_up(fn, device, steps=WARMUP_STEPS):
 
 
 def capture_graph(fn, generators=()):
-    """Records fn() once as a CUDA graph. -> (fn's output, replay). torch 2.11 needs custom
-    generators registered; 2.14 does it itself and deprecates the call, hence the silence."""
+    """fn() recorded as a CUDA graph. -> (fn's output, replay). 2.14 deprecates register_generator_state."""
     graph = torch.cuda.CUDAGraph()
     for gen in generators:
         if hasattr(graph, "register_generator_state"):
@@ -1100,66 +1048,49 @@ def capture_graph(fn, generators=()):
     return out, graph.replay
 
 
-def scaler_tensors(scaler):
-    """The fp16 loss scale and its growth counter, which a scaled step updates in place on the device."""
-    return [t for t in (scaler._scale, scaler._growth_tracker) if t is not None] if scaler.is_enabled() else []
+def snapshot(tr):
+    """Copies of what a step changes. -> restore(): the copies back into the same tensors (a graph holds
+    their addresses), a momentum buffer made since zeroed (SGD's next step then is a first step)."""
+    held = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers(), *loss_scale(tr.scaler))]
+    held += [(s["momentum_buffer"], s["momentum_buffer"].clone()) for s in tr.opt.state.values()
+             if torch.is_tensor(s.get("momentum_buffer"))]
 
-
-def save_state(tr):
-    """Copies of what a step changes: parameters, buffers (BatchNorm statistics), the loss
-    scale, momentum."""
-    tensors = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers(), *scaler_tensors(tr.scaler))]
-    momentum = {p: s["momentum_buffer"].clone() for p, s in tr.opt.state.items()
-                if torch.is_tensor(s.get("momentum_buffer"))}
-    return tensors, momentum
-
-
-def restore_state(tr, saved):
-    """Puts the copies back into the same tensors (a graph holds their addresses); a momentum
-    buffer the warm-up made is zeroed, which SGD's next step treats as a first step."""
-    tensors, momentum = saved
-    with torch.no_grad():
-        for t, value in tensors:
-            t.copy_(value)
-        for p, s in tr.opt.state.items():
+    @torch.no_grad()
+    def restore():
+        for s in tr.opt.state.values():
             if torch.is_tensor(s.get("momentum_buffer")):
-                s["momentum_buffer"].copy_(momentum[p]) if p in momentum else s["momentum_buffer"].zero_()
+                s["momentum_buffer"].zero_()
+        for t, value in held:
+            t.copy_(value)
+    return restore
 
 
 def graph_optimizer(opt, device, scaled=False):
-    """SGD as a graph holds it: the learning rate a 0-dim device tensor (LambdaLR fills it in
-    place between replays), read by the fused kernel on the device (foreach SGD breaks the
-    capture; single-tensor SGD reads a tensor lr on the host). scaled (fp16): the fused kernel
-    also takes GradScaler's scale and found-inf flag and skips a step with inf gradients on
-    the device; unfused, GradScaler reads that flag on the host every step."""
+    """SGD as a graph holds it: the lr a 0-dim device tensor (LambdaLR fills it in place), read by the
+    fused kernel (foreach SGD breaks the capture). scaled (fp16): the kernel also takes GradScaler's
+    scale and found-inf flag and skips an inf step on the device, where unfused SGD reads it on the host."""
     for g in opt.param_groups:
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
         g["fused"], g["foreach"] = True, False
     opt._step_supports_amp_scaling = scaled  # what SGD(fused=True) sets at construction
 
 
-def eager_optimizer(param_groups, opt=None):
-    """SGD's settings as the eager step has them (a float learning rate, the default kernel):
-    after a failed capture, and in checkpoints, so either step resumes with either."""
+def eager_optimizer(param_groups):
+    """SGD as the eager step has it (a float lr, the default kernel): checkpoints resume with either step."""
     for g in param_groups:
         g["lr"], g["fused"], g["foreach"] = float(g["lr"]), None, None
-    if opt is not None:
-        opt._step_supports_amp_scaling = False
 
 
 def graph_inputs(tr):
     """Addresses of every tensor the graph reads or updates in place."""
     momentum = [s["momentum_buffer"] for s in tr.opt.state.values() if torch.is_tensor(s.get("momentum_buffer"))]
     lrs = [g["lr"] for g in tr.opt.param_groups if torch.is_tensor(g["lr"])]
-    held = (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs, *scaler_tensors(tr.scaler))
+    held = (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs, *loss_scale(tr.scaler))
     return [t.data_ptr() for t in held]
 
 
-def check_graph_inputs(tr):
-    # A tensor replaced after capture (by an optimizer's load_state_dict, say) is cut off from the graph.
-    if tr.graph_holds is not None and tr.graph_holds != graph_inputs(tr):
-        raise RuntimeError("a tensor the CUDA graph updates was replaced after capture; "
-                           "load every state before cuda_graph()")
+def loss_scale(scaler):  # fp16: the scale and its growth counter, which a step updates on the device
+    return [t for t in (scaler._scale, scaler._growth_tracker) if t is not None] if scaler.is_enabled() else []
 
 
 def step_record(tr):
@@ -1171,8 +1102,7 @@ def step_record(tr):
 
 # =============================================================================================
 # Appendix D. Settings and run files          (skippable: how a run is configured, saved, resumed)
-# The flags; the run folder (config.json, log.jsonl, checkpoint.pt, results.json, each naming
-# what made its numbers); --resume; errors as one line.
+# The flags; the run folder (config.json, log.jsonl, checkpoint.pt, results.json); --resume; errors.
 # =============================================================================================
 
 
@@ -1251,22 +1181,19 @@ def add_other_flags(data, arg):
 
 
 def check_config(cfg, world=1):
-    """Everything that can be wrong with the flags, found before any work starts; resolves
-    --groups auto, so config.json records the G that ran."""
+    """What can be wrong with the flags, found before any work starts; resolves --groups auto."""
     if cfg.batch_size < 2 or cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size}: batch statistics need at least 2 images, split "
                          f"evenly over the {world} process(es)")
     if cfg.benchmark and world > 1:
         raise UsageError("--benchmark times one process; run it without torchrun")
-    for name in ("epochs", "proj_dim", "proj_hidden", "pred_hidden", "image_size", "knn_k",
-                 "metric_samples", "benchmark_steps"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in {**dict.fromkeys(("epochs", "proj_dim", "proj_hidden", "pred_hidden", "knn_k",
+                                         "metric_samples", "benchmark_steps"), 1), "image_size": 8}.items():
+        if getattr(cfg, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}")
     for name in ("train_subset", "test_subset", "eval_every", "linear_epochs", "warmup_epochs", "eps"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
-    if cfg.image_size < 8:
-        raise UsageError("--image-size must be at least 8 pixels")
     how = f"--groups {cfg.groups}"
     if cfg.groups == "auto":  # the authors' rule: groups of about half the batch
         cfg.groups = math.ceil(2 * cfg.proj_dim / cfg.batch_size)
@@ -1309,8 +1236,7 @@ def resolve_config(argv):
 
 @contextlib.contextmanager
 def command_line(argv=None):
-    """Yields the settings; turns what goes wrong into an exit code: bad input one line on
-    stderr and exit 2, divergence exit 1, Ctrl-C exit 130 with the command that resumes."""
+    """Yields the settings; bad input: one line, exit 2; divergence: exit 1; Ctrl-C: exit 130, how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     say = (lambda text: print(text, file=sys.stderr)) if process_ranks()[0] == 0 else (lambda text: None)
     cfg = None
@@ -1325,9 +1251,9 @@ def command_line(argv=None):
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         out = getattr(cfg, "out", "")
-        saved = out and os.path.exists(os.path.join(out, "checkpoint.pt"))
         say("\nfdsl: interrupted; " + (f"finished epochs are saved; continue with: python fdsl.py --resume {out}"
-                                       if saved else "no epoch was finished, nothing to resume"))
+                                       if out and os.path.exists(os.path.join(out, "checkpoint.pt")) else
+                                       "no epoch was finished, nothing to resume"))
         raise SystemExit(130) from None
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -1351,10 +1277,9 @@ class Run:
 
 
 def open_run(cfg, machine, data, images, tr):
-    """The run folder (never over another run), notes on the settings; with --resume, the
-    checkpoint's state loaded into the trainer."""
-    name = f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg.out = shared_value(cfg.out or os.path.join("runs", name))  # process 0's choice (Appendix B)
+    """The run folder (never over another run), notes on the settings, --resume's checkpoint loaded."""
+    name = os.path.join("runs", f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = shared_value(cfg.out or name)  # process 0's choice (Appendix B)
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
     if len(data.train_y) < cfg.batch_size:
@@ -1376,9 +1301,6 @@ def settings_notes(cfg, machine, tr):
     if device.type == "cpu":
         yield ("running on the CPU: fine for --arch small and subsets, very slow for a full run"
                + ("" if machine.amp_dtype else "; --precision bf16 is faster where the CPU has bf16 units (README)"))
-    if device.type == "mps" and cfg.decorr != "none":
-        yield ("Apple MPS has no float64: the whitening runs in float32, which raises its eps to S x 1.2e-7 "
-               "(3.8e-6 for groups of 32), near where eps damps directions (README); watch for 'not white'")
     if device.type == "cuda" and machine.amp_dtype == torch.bfloat16 and \
             torch.cuda.get_device_capability(device) < (8, 0):
         yield "this GPU has no bf16 units (compute capability below 8.0): bf16 is emulated and slow; try fp16"
@@ -1386,15 +1308,15 @@ def settings_notes(cfg, machine, tr):
         yield (f"the {cfg.warmup_epochs:g}-epoch warm-up is not shorter than the {cfg.epochs}-epoch run: the "
                f"learning rate never reaches its peak (--warmup-epochs sets it)")
     norm = tr.net.norm
-    if isinstance(norm, GroupWhitening) and norm.method == "newton" and norm.dtype == torch.float32 and \
-            norm.groups < norm.num_features:
-        yield ("float32 Newton-Schulz leaks up to about 6e-3 of the output of a rank-deficient group into its "
-               "null directions (README); the default float64 does not")
+    if isinstance(norm, GroupWhitening) and norm.groups < norm.num_features and \
+            (norm.dtype == torch.float32 or device.type == "mps"):
+        yield ("the whitening runs in float32" + " (Apple MPS has no float64)" * (device.type == "mps") + ": its "
+               "eps is at least S x 1.2e-7 (3.8e-6 for groups of 32), near where eps damps directions, and "
+               "Newton-Schulz leaks up to 6e-3 into null directions (README); watch for 'not white'")
 
 
 def log_start(run):
-    """config.json (settings, the step that runs, what made the numbers), the log cut back to
-    the checkpoint's epoch on --resume, and the table's header. Starts the run's clock."""
+    """config.json, the log cut back to the checkpoint's epoch on --resume, the table's header; the clock."""
     cfg, machine = run.cfg, run.machine
     if machine.is_main:
         rows = [row for row in read_log(run.path("log.jsonl")) if row["epoch"] <= run.start] if cfg.resume else []
@@ -1407,8 +1329,8 @@ def log_start(run):
     norm = f"decorr={cfg.decorr}" + (f" groups={cfg.groups} shuffle={cfg.shuffle}" if cfg.decorr == "zca" else "")
     print0(machine, f"fdsl: {cfg.dataset} ({len(run.data.train_y)} train / {len(run.data.test_y)} test), "
                     f"{cfg.arch}, {norm}, batch {cfg.batch_size}, lr {cfg.lr * cfg.batch_size / 256:.4g}, "
-                    f"{cfg.epochs} epochs on {machine.device}" + (f" x{machine.world} processes" if
-                    machine.world > 1 else "") + f", {run.tr.step_kind} step -> {cfg.out}")
+                    f"{cfg.epochs} epochs on {machine.device}" + f" x{machine.world} processes" * (machine.world > 1)
+                    + f", {run.tr.step_kind} step -> {cfg.out}")
     print0(machine, HEADER)
     run.t0 = time.perf_counter() - run.elapsed
 
@@ -1435,10 +1357,8 @@ def current_lr(opt):
     return float(opt.param_groups[0]["lr"])  # a float, or a 0-dim tensor in the graph step
 
 
-# Random streams. Each is re-seeded from (seed, epoch, stream, rank) at the start of every
-# epoch, so a run resumed from a checkpoint draws exactly what the uninterrupted run would.
-# The mixing constants are primes larger than what they separate (ranks < 101, streams < 10,
-# epochs < 1,000,003), so two different tuples never share a seed.
+# Random streams, re-seeded from (seed, epoch, stream, rank) every epoch: a resumed run draws what the
+# uninterrupted one would. The primes exceed what they separate (ranks < 101, streams < 10, epochs < 1,000,003).
 SHUFFLE_STREAM, ORDER_STREAM, AUGMENT_STREAM = 0, 1, 2
 PROBE_SEED_STRIDE = 7919  # a prime: each process's linear-probe crops get a stream of their own
 
@@ -1453,48 +1373,41 @@ def reseed_epoch(tr, epoch, n):
 
 
 def check_finite(what, tensors):
-    """Stops the run (Diverged) if a tensor holds a NaN or inf: one reduction, one host read.
-    Before every checkpoint (the weights) and on everything an evaluation reads, so nothing
-    non-finite is saved as good, scored, or handed to an eigensolver."""
+    """Diverged if a tensor holds a NaN or inf (one host read): nothing non-finite is saved, scored or solved."""
     if not torch.stack([torch.isfinite(t).all() for t in tensors]).all().item():
         raise Diverged(f"{what} are not finite")
 
 
 def save_checkpoint(run, epoch):
     """model, optimizer, schedule, loss scaler, epoch and settings, after every epoch."""
-    check_graph_inputs(run.tr)  # Appendix C: nothing the graph updates was replaced
+    if run.tr.graph_holds not in (None, graph_inputs(run.tr)):  # replaced after capture: cut off from the graph
+        raise RuntimeError("a tensor the CUDA graph updates was replaced after capture; load every state first")
     if run.machine.is_main:
-        tr = run.tr
-        opt_state = tr.opt.state_dict()
+        tr, opt_state = run.tr, run.tr.opt.state_dict()
         eager_optimizer(opt_state["param_groups"])
-        state = {"model": tr.net.state_dict(), "optimizer": opt_state,
-                 "scheduler": tr.sched.state_dict(), "scaler": tr.scaler.state_dict(), "epoch": epoch,
-                 "elapsed": run.elapsed, "config": vars(run.cfg)}
+        state = {"model": tr.net.state_dict(), "optimizer": opt_state, "scheduler": tr.sched.state_dict(),
+                 "scaler": tr.scaler.state_dict(), "epoch": epoch, "elapsed": run.elapsed, "config": vars(run.cfg)}
         tmp = run.path("checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, run.path("checkpoint.pt"))  # a crash mid-write keeps the previous one
 
 
 def load_checkpoint(path, device):
-    """A checkpoint read as data: torch.load(weights_only=True) accepts tensors, numbers,
-    strings, lists and dicts only, so a checkpoint someone shared cannot run code here."""
+    """A checkpoint read as data (weights_only: tensors, numbers, strings, lists, dicts): it cannot run code."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for objects, RuntimeError/EOFError if damaged
         refused = "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"
-        why = ("it holds objects other than tensors and numbers, which could run code; refused"
-               if refused else f"damaged or not a checkpoint ({type(e).__name__})")
-        raise UsageError(f"{path}: {why}") from None
-    keys = set(state) if isinstance(state, dict) else set()
-    missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - keys
-    if missing:
+        raise UsageError(f"{path}: " + ("it holds objects other than tensors and numbers, which could run code; "
+                                        "refused" if refused else f"damaged, or no checkpoint ({type(e).__name__})"))
+    if missing := {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(
+            state, dict) else ()):
         raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
     return state
 
 
 def finish_run(run, final):
-    """Linear probe and results.json. final: train()'s last evaluation, or None (a run resumed
-    after its last epoch, interrupted in the probe), which measures the final state again."""
+    """Linear probe and results.json; final None (resumed after the last epoch): evaluate again."""
     cfg, tr, machine = run.cfg, run.tr, run.machine
     final = final or evaluate(tr.net, run)
     acc, metrics = final["knn_acc"], final["collapse"]
@@ -1511,13 +1424,11 @@ def finish_run(run, final):
                 (run.images.test, run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
                 cfg.progress)
         except Diverged as e:
-            raise Diverged(f"{e} in the linear probe; the trained network is in {run.path('checkpoint.pt')} "
-                           f"(epoch {cfg.epochs})") from None
+            raise Diverged(f"{e} in the linear probe; the trained network is {run.path('checkpoint.pt')}") from None
         results["linear_time_s"] = time.perf_counter() - t0
         print0(machine, f"linear probe ({cfg.linear_epochs} epochs): {results['linear_acc']:.2f}%")
-    results["time_s"] = time.perf_counter() - run.t0
-    results["device"] = str(machine.device) + (f" x{machine.world}" if machine.world > 1 else "")
-    results.update(provenance(machine))
+    results.update(time_s=time.perf_counter() - run.t0, device=str(machine.device) + f" x{machine.world}" *
+                   (machine.world > 1), **provenance(machine))
     if machine.is_main:
         write_atomic(run.path("results.json"), json.dumps(results, indent=2))
         print0(machine, f"k-NN {acc:.2f}% after {cfg.epochs} epochs, {results['time_s']:.0f} s; "
@@ -1534,24 +1445,18 @@ def finished_run(cfg, machine):
 
 def provenance(machine):
     """What made a run's numbers: the library versions, the device by name, fdsl.py's version."""
-    device = machine.device
+    device, name = machine.device, platform.processor() or platform.machine()
+    if device.type == "cpu" and os.path.isfile("/proc/cpuinfo"):  # Linux names the CPU model
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Apple MPS" if device.type == "mps" \
-        else f"{cpu_model()}, {os.cpu_count()} CPUs"
+        else f"{name}, {os.cpu_count()} CPUs"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
             "device_name": name, "fdsl_version": code_version()}
 
 
-def cpu_model():
-    try:  # Linux; elsewhere platform.processor() is the best there is
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def code_version(short=False):
-    """The git commit of the checkout fdsl.py is in ("+modified" and the file's sha256 when the
-    file differs from it), else "sha256:" and the file's hash. short: 12 characters and the flag."""
+    """fdsl.py's git commit (+modified and its sha256 if changed), outside a checkout its sha256."""
     path = os.path.abspath(__file__)
     with open(path, "rb") as f:
         digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
@@ -1564,14 +1469,11 @@ def code_version(short=False):
     if commit.returncode or changed.returncode:
         return digest
     modified = bool(changed.stdout.strip())
-    if short:
-        return commit.stdout.strip()[:12] + "+modified" * modified
-    return commit.stdout.strip() + f"+modified {digest}" * modified
+    return commit.stdout.strip()[:12 if short else 40] + ("+modified" if short else f"+modified {digest}") * modified
 
 
 def read_log(path):
-    """The rows of a log.jsonl. A half-written last line (the run is writing it, or died while
-    it did) is left out; a damaged line before it is an error."""
+    """A log.jsonl's rows, a half-written last line left out (a damaged one before it is an error)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -1602,12 +1504,24 @@ def write_atomic(path, text):
 
 # =============================================================================================
 # Appendix E. Data readers and augmentation kernels      (skippable: sections 2 and 3 use them)
-# Image folders, generated data and class-balanced subsets; torchvision's augmentations for a
-# whole batch on the device, each image with its own parameters (torchvision draws one set).
+# Image folders, generated data, subsets; torchvision's augmentations per image for a batch on the device.
 # =============================================================================================
 
 SYNTHETIC_SIZES = (5000, 1000)  # train, test
 SYNTHETIC_SEED = 1234  # the generated images are fixed: --seed changes the training, not the data
+
+
+def load_cifar(name, root):
+    """CIFAR-10/100: the copy in `root`, else a download there."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        sets = [cls(root, train=t, download=True) for t in (True, False)]  # downloads only what is missing
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
+                         f"use --dataset folder --data-dir DIR (train/, test/) or --dataset synthetic") from None
+    xs = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
+    ys = [torch.tensor(s.targets, dtype=torch.long) for s in sets]
+    return Data(xs[0], ys[0], xs[1], ys[1], list(sets[0].classes))
 
 
 def balanced_subset(x, y, n, seed):
@@ -1626,12 +1540,10 @@ def balanced_subset(x, y, n, seed):
 
 
 def load_image_folder(root, size, progress=True):
-    """DIR/train and DIR/test (or DIR/val), one sub-folder per class (ImageFolder's layout),
-    decoded once into uint8 tensors. -> Data."""
+    """DIR/train and DIR/test (or DIR/val), a sub-folder per class, decoded once to uint8. -> Data."""
     test = next((d for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(os.path.join(root, "train")) or test is None:
-        raise UsageError(f"no image folder at {root} (--dataset folder expects DIR/train/<class>/* and "
-                         f"DIR/test/<class>/*)")
+        raise UsageError(f"no image folder at {root} (--dataset folder expects DIR/train/<class>/*, DIR/test/...)")
     (train_x, train_y, classes), (test_x, test_y, test_classes) = (
         decode_split(os.path.join(root, split), size, progress) for split in ("train", test))
     if test_classes != classes:
@@ -1640,8 +1552,7 @@ def load_image_folder(root, size, progress=True):
 
 
 def decode_split(split_dir, size, progress):
-    """One split's images, labels and class names. A file that cannot be decoded stops the
-    load with its path: silently training on fewer images would make the numbers incomparable."""
+    """A split's images, labels, classes; an unreadable file stops the load (fewer images: other numbers)."""
     try:
         folder = torchvision.datasets.ImageFolder(split_dir)
     except OSError as e:
@@ -1650,16 +1561,14 @@ def decode_split(split_dir, size, progress):
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         decoded = list(tqdm(pool.map(lambda p: read_image(p, size), paths, chunksize=256), total=len(paths),
                             desc=f"decoding {split_dir}", disable=not progress, leave=False))
-    bad = [d for d in decoded if isinstance(d, str)]
-    if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {bad[0]}{more}; remove or replace them")
+    if bad := [d for d in decoded if isinstance(d, str)]:
+        raise UsageError(f"{len(bad)} of {len(paths)} images cannot be read: {bad[0]}"
+                         f"{f' and {len(bad) - 1} more' * (len(bad) > 1)}; remove or replace them")
     return torch.stack(decoded), torch.tensor(folder.targets, dtype=torch.long), folder.classes
 
 
 def read_image(path, size):
-    """One image file -> 3 x size x size uint8 (shorter side resized, then centre crop), or
-    for a file that cannot be read, a line naming it and why."""
+    """An image file -> 3 x size x size uint8 (resized, centre-cropped), or a line naming it and why not."""
     try:
         with Image.open(path) as im:
             img = TF.pil_to_tensor(im.convert("RGB"))
@@ -1682,9 +1591,8 @@ def synthetic_data(size):
 
 
 def make_synthetic(n, size=32, seed=0):
-    """Labelled images generated offline, deterministic per seed: class = shape (disk, square,
-    triangle, ring, cross) x texture (plain, striped); colour, position, size, rotation, stripes
-    and noise vary per image. -> (N x 3 x size x size uint8, labels N)."""
+    """Labelled images generated offline: class = shape (5) x texture (plain, striped); colour, position,
+    size, rotation, stripes and noise vary per image. -> (N x 3 x size x size uint8, labels N)."""
     g = torch.Generator().manual_seed(seed)
     U = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
     y = torch.arange(n) % 10
@@ -1716,24 +1624,22 @@ def to_float(x):
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
-
-_MEAN_STD = {}  # device -> (mean, std) as 3 x 1 x 1 tensors
-
-
 def standardize_pixels(x):
     """(x - ImageNet mean) / ImageNet std per channel, for x in [0, 1]: N x 3 x H x W."""
-    # torchvision's normalize builds its mean/std tensors from Python lists at every call, a
-    # host-to-device copy per batch that a CUDA graph cannot hold: build them once per device.
-    if x.device not in _MEAN_STD:
-        _MEAN_STD[x.device] = [torch.tensor(v, device=x.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)]
-    mean, std = _MEAN_STD[x.device]
+    mean, std = pixel_statistics(x.device)
     return (x - mean) / std
 
 
+@functools.cache
+def pixel_statistics(device):
+    # torchvision's normalize builds its mean/std tensors from Python lists at every call, a
+    # host-to-device copy per batch that a CUDA graph cannot hold: build them once per device.
+    return [torch.tensor(v, device=device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD)]
+
+
 def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None, mode="bilinear"):
-    """torchvision's RandomResizedCrop (its box sampling: 10 tries, then a centre crop) and a
-    horizontal flip, each box an affine map, one grid_sample for the batch. mode: "bilinear" (SSL,
-    as the authors) or "bicubic" (their probe; clamped, as it overshoots). N x C x H x W in [0, 1]."""
+    """torchvision's RandomResizedCrop (10 tries, then a centre crop) and a flip, per image, one grid_sample.
+    mode: "bilinear" (SSL, as the authors) or "bicubic" (their probe; clamped). N x C x H x W in [0, 1]."""
     n, _, h, w = x.shape
     dev, tries = x.device, 10
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
@@ -1745,22 +1651,16 @@ def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0
     first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision
     cw, ch, any_ok = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0], ok.any(1)
     # Fallback when no try fits: the largest centred box with the ratio clamped to its range.
-    in_ratio = w / h
-    fw = w if in_ratio <= ratio[1] else round(h * ratio[1])
-    fh = h if in_ratio >= ratio[0] else round(w / ratio[0])
-    cw = torch.where(any_ok, cw, torch.full_like(cw, fw))
-    ch = torch.where(any_ok, ch, torch.full_like(ch, fh))
+    fw, fh = w if w / h <= ratio[1] else round(h * ratio[1]), h if w / h >= ratio[0] else round(w / ratio[0])
+    cw, ch = torch.where(any_ok, cw, float(fw)), torch.where(any_ok, ch, float(fh))
     top = torch.where(any_ok, (rand(n) * (h - ch + 1)).floor(), ((h - ch) / 2).floor())
     left = torch.where(any_ok, (rand(n) * (w - cw + 1)).floor(), ((w - cw) / 2).floor())
     flip = torch.where(rand(n) < flip_p, -1.0, 1.0)
     # Output pixel grid [-1, 1] -> crop box in the input's normalized coordinates
     # (align_corners=False: -1 and 1 are the outer edges of the border pixels).
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = cw / w * flip
-    theta[:, 0, 2] = (2 * left + cw) / w - 1
-    theta[:, 1, 1] = ch / h
-    theta[:, 1, 2] = (2 * top + ch) / h - 1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    zero = torch.zeros_like(cw)
+    theta = torch.stack([cw / w * flip, zero, (2 * left + cw) / w - 1, zero, ch / h, (2 * top + ch) / h - 1], 1)
+    grid = F.affine_grid(theta.view(n, 2, 3), list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.clamp(0, 1) if mode == "bicubic" else out
 
@@ -1788,8 +1688,7 @@ def _hsv_to_rgb(h, s, v):
 
 
 def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, generator=None):
-    """torchvision's ColorJitter applied with probability p, per image: its own factors and its
-    own random order of the four operations. x: N x 3 x H x W float in [0, 1] -> same."""
+    """torchvision's ColorJitter with probability p, each image its own factors and order. N x 3 x H x W."""
     n, dev = x.shape[0], x.device
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
     on = (rand(n) < p).float().view(n, 1, 1, 1)
@@ -1801,12 +1700,9 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     # (factor 1, shift 0) for the other three. Cheap elementwise work, no data-dependent branch.
     for k in range(4):
         turn = lambda op: (order[:, k] == op).view(n, 1, 1, 1)
-        b = torch.where(turn(0), fb, 1.0)
-        x = (x * b).clamp(0, 1)
-        c = torch.where(turn(1), fc, 1.0)
-        mean = TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)
-        x = (c * x + (1 - c) * mean).clamp(0, 1)
-        s = torch.where(turn(2), fs, 1.0)
+        x = (x * torch.where(turn(0), fb, 1.0)).clamp(0, 1)
+        c, s = torch.where(turn(1), fc, 1.0), torch.where(turn(2), fs, 1.0)
+        x = (c * x + (1 - c) * TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
         x = (s * x + (1 - s) * TF.rgb_to_grayscale(x)).clamp(0, 1)
         hh, ss, vv = _rgb_to_hsv(x)
         x = _hsv_to_rgb((hh + torch.where(turn(3)[:, 0], fh, 0.0)) % 1.0, ss, vv)
@@ -1823,19 +1719,8 @@ def random_grayscale(x, p=0.2, generator=None):
 # =============================================================================================
 
 
-def seconds_per_call(fn, calls, warmup=3):
-    """Mean seconds per call of fn after `warmup` untimed calls, the device waited for at both ends."""
-    for _ in range(warmup):
-        fn()
-    t0 = synced_clock()
-    for _ in range(calls):
-        fn()
-    return (synced_clock() - t0) / calls
-
-
 def bare_model(tr, x):
-    """Encoder and projector forward and backward on both views in one call, as the training
-    step makes it, nothing else: the floor a training step is compared with."""
+    """Encoder and projector forward and backward on both views, nothing else: a step's floor."""
     views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format)
 
     def bare():
@@ -1847,11 +1732,17 @@ def bare_model(tr, x):
 
 
 def benchmark(cfg, machine):
-    """Times, on random images (their content does not change the speed): the training step,
-    eager and as a CUDA graph; the bare encoder+projector (the floor), eager and graphed; the
-    eager parts; the start to the first graphed step; a k-NN pass over 50,000 + 10,000 images."""
+    """Times on random images (content does not change speed) the step, eager and graphed, the bare
+    encoder+projector (the floor), the eager parts, the start to the first graphed step."""
     t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
-    time_it = lambda fn, n=cfg.benchmark_steps: seconds_per_call(fn, n)
+
+    def time_it(fn):  # mean seconds per call after WARMUP_STEPS untimed ones, the device waited for
+        for _ in range(WARMUP_STEPS):
+            fn()
+        t0 = synced_clock()
+        for _ in range(cfg.benchmark_steps):
+            fn()
+        return (synced_clock() - t0) / cfg.benchmark_steps
     images = lambda n: torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
     x, t, first_step, tg = images(b), {}, None, None
     if choose_step(cfg, machine) == "graph":
@@ -1870,33 +1761,22 @@ def benchmark(cfg, machine):
     t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
     t["normalization layer (2 views, one call)"] = time_it(lambda: te.net.norm(y).square().mean().backward())
     t["optimizer step"] = time_it(te.opt.step)  # gradients left by the bare model
-    eval_x = images(1024)
-    t["eval forward (1024 images)"] = time_it(lambda: encode(te.net.encoder, eval_x, machine),
-                                              max(1, cfg.benchmark_steps // 10))
-    bank, labels = torch.randn(60000, te.net.feat_dim, device=dev), torch.randint(0, 10, (60000,), device=dev)
-    t["k-NN search (10k x 50k)"] = seconds_per_call(lambda: knn_accuracy(bank[:50000], labels[:50000], bank[50000:],
-                                                                         labels[50000:]), 1, 1)
     return report_benchmark(cfg, machine, t, first_step, te, tg)
-
-
-def benchmark_title(cfg, machine):
-    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
-    norm = cfg.decorr + (f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})"
-                         if cfg.decorr == "zca" else "")
-    layout = "channels_last" if machine.memory_format == torch.channels_last else "contiguous"
-    return (f"benchmark: {cfg.arch}, batch {cfg.batch_size}, {cfg.image_size} px, decorr {norm}, {prec}, {layout}, "
-            f"{provenance(machine)['device_name']}, torch {torch.__version__}, fdsl {code_version(short=True)}; mean "
-            f"of {cfg.benchmark_steps} calls after {WARMUP_STEPS} untimed ones")
 
 
 def report_benchmark(cfg, machine, t, first_step, te, tg):
     """Prints the table; with --out DIR keeps it in DIR/benchmark.md and .json. -> the figures."""
     b, ms = cfg.batch_size, lambda s: f"{s * 1e3:9.2f} ms"
+    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
     kinds = [k for k in ("eager", "graphed") if f"{k} full step" in t]
     best, missing = t[f"{kinds[-1]} full step"], "   needs CUDA" if machine.device.type != "cuda" else "   not run"
-    knn_pass = 60000 / 1024 * t["eval forward (1024 images)"] + t["k-NN search (10k x 50k)"]
     ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in kinds}
-    out = [benchmark_title(cfg, machine)]
+    norm = cfg.decorr + f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})" * (
+        cfg.decorr == "zca")
+    out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, "
+           f"{str(machine.memory_format).split('.')[-1]}, {provenance(machine)['device_name']}, torch "
+           f"{torch.__version__}, fdsl {code_version(short=True)}; mean of {cfg.benchmark_steps} calls after "
+           f"{WARMUP_STEPS} untimed ones"]
     for kind, tr in (("eager", te), ("graphed", tg)):
         for row in (f"{kind} full step", f"{kind} bare encoder+projector"):
             whiten = step_record(tr)["whiten_method"] if tr and "full" in row else None
@@ -1908,11 +1788,8 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
     if first_step is not None:
         out.append(f"  start to the first graphed step: {first_step:.1f} s (model, warm-up steps, capture)")
     out.append(f"  a 50,000-image epoch at the {kinds[-1]} step: {50000 // b * best:.1f} s of training steps")
-    out.append(f"  k-NN evaluation of 50,000 + 10,000 images: {knn_pass:.2f} s (eval forward "
-               f"{1024 / t['eval forward (1024 images)']:.0f} img/s, search {t['k-NN search (10k x 50k)']:.2f} s)")
     figures = {"seconds": t, "images_per_s": b / best, "step_vs_bare": ratios, "first_step_s": first_step,
-               "epoch_s": 50000 // b * best, "knn_pass_s": knn_pass, **step_record(tg or te),
-               "settings": vars(cfg), **provenance(machine)}
+               "epoch_s": 50000 // b * best, **step_record(tg or te), "settings": vars(cfg), **provenance(machine)}
     print0(machine, "\n".join(out))
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1925,10 +1802,8 @@ PROJECTION_POINTS = 2000  # at most this many test images' outputs are kept for 
 
 
 def projection_points(net, run):
-    """The paper's Figure 2 for an output of 2 or 3 axes: the normalization layer's output for
-    the first (at most) 2,000 test images in their evaluation view, the same images at every
-    evaluation, measured as the projector metrics are (train mode, on a copy, in full training
-    batches), so a collapsing output cannot look healthy. -> {"points": [[x, y], ...], "labels"}."""
+    """Figure 2's points: the layer's output for the first 2,000 test images as the projector metrics are
+    measured (train_mode_outputs: a collapse cannot look healthy). -> {"points": [[x, y], ...], "labels"}."""
     cfg, machine = run.cfg, run.machine
     n = min(PROJECTION_POINTS, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
     if n == 0:
@@ -1938,8 +1813,11 @@ def projection_points(net, run):
     return {"points": [[float(f"{v:.4g}") for v in p] for p in z.tolist()], "labels": run.data.test_y[:n].tolist()}
 
 
+SETTING_FLAGS = ("train_subset", "test_subset", "image_size", "precision")  # a setting: these, RECIPE's but seed
+
+
 def read_run(d):
-    """A run folder's settings, evaluated log rows and results (if it finished), and its label."""
+    """A run folder: settings, evaluated rows, results, final metrics, label, setting (RECIPE's flags but --seed)."""
     if not os.path.isfile(os.path.join(d, "config.json")):
         raise UsageError(f"--plot {d}: " + ("not a run folder (no config.json)" if os.path.isdir(d) else
                                             "no such folder"))
@@ -1948,77 +1826,164 @@ def read_run(d):
     if not rows:
         raise UsageError(f"--plot {d}: no evaluated epoch yet in {os.path.join(d, 'log.jsonl')}")
     results = read_json(os.path.join(d, "results.json")) if os.path.isfile(os.path.join(d, "results.json")) else {}
-    groups = cfg.get("groups", 16)
-    kind = "full" if groups == 1 else f"{groups} {'shuffled' if cfg.get('shuffle', True) else 'fixed'}"
+    groups, shuffled = cfg.get("groups", 16), cfg["decorr"] == "zca" and cfg.get("shuffle", True)
+    kind = "" if cfg["decorr"] != "zca" else ", full ZCA" if groups == 1 else \
+        f", {groups} {'shuffled' if shuffled else 'fixed'} groups"
     return {"name": os.path.basename(os.path.normpath(d)), "cfg": cfg, "rows": rows, "results": results,
-            "final": results.get("collapse") or rows[-1]["collapse"], "groups": kind if cfg["decorr"] == "zca" else "",
-            "label": cfg["decorr"] + (f", {kind} groups" if cfg["decorr"] == "zca" else "")}
+            "final": results.get("collapse") or rows[-1]["collapse"], "shuffled": shuffled,
+            "label": cfg["decorr"] + kind,
+            "setting": tuple(cfg.get(k, v[0]) for k, v in RECIPE.items() if k != "seed") +
+                       tuple(cfg.get(k) for k in SETTING_FLAGS)}
 
 
 def plot_runs(run_dirs, out=""):
-    """One figure of several runs in the paper's order (none, bn, zca fixed, zca shuffled), as a
-    PNG (default comparison.png beside the runs), and their final numbers as a Markdown table
-    beside it (same name, .md). matplotlib is the one optional dependency, used only here."""
+    """The runs in the paper's order, the runs of a setting (differing only in --seed) merged: a figure
+    (default comparison.png beside the runs), a Markdown table (.md) and for 2-d outputs the paper's
+    Figure 2 (-2d.png). matplotlib is the one optional dependency, used only here."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no window
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib, which nothing else in fdsl uses: pip install matplotlib") from None
-    order = {"none": 0, "bn": 1, "zca": 2}  # the order of the paper's findings
-    runs = sorted((read_run(d) for d in run_dirs), key=lambda r: (order.get(r["cfg"]["decorr"], 3),
-                                                                  "shuffled" in r["groups"]))
+    runs, settings = [read_run(d) for d in run_dirs], {}
     for r in runs:
-        if [q["label"] for q in runs].count(r["label"]) > 1:
-            r["label"] += f" ({r['name']})"
+        settings.setdefault(r["setting"], []).append(r)
+    order = {"none": 0, "bn": 1, "zca": 2}  # the order of the paper's findings
+    entries = sorted(settings.values(), key=lambda e: (order.get(e[0]["cfg"]["decorr"], 3), e[0]["shuffled"]))
+    labels = [e[0]["label"] for e in entries]
+    for e in entries:  # a setting's title: its label, a run's name if two settings share it, its seeds
+        e[0]["title"] = (e[0]["label"] + f" ({e[0]['name']})" * (labels.count(e[0]["label"]) > 1) +
+                         f" ({len(e)} seeds)" * (len(e) > 1))
     out = out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs]),
                               "comparison.png")
+    stem, flat = os.path.splitext(out)[0], [r for r in runs if any("projection" in row for row in r["rows"])]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    draw_runs(plt, runs).savefig(out, dpi=110)
-    table = runs_table(runs)
-    write_atomic(os.path.splitext(out)[0] + ".md", table)
-    print(table + f"\nfdsl: figure of {len(runs)} run(s) in {out}, table in {os.path.splitext(out)[0]}.md")
+    draw_runs(plt, entries).savefig(out, dpi=110)
+    write_atomic(stem + ".md", table := runs_table(entries))
+    if flat:
+        draw_projections(plt, flat).savefig(stem + "-2d.png", dpi=110)
+    print(table + f"\nfdsl: figure of {len(runs)} run(s) in {out}, table in {stem}.md" +
+          (f", the 2-d projection spaces of {len(flat)} in {stem}-2d.png" if flat else ""))
     return out
 
 
-def draw_runs(plt, runs):
-    """k-NN accuracy over training; effective rank of the projector output (solid) and of the
-    backbone (dashed); their final covariance spectra. -> the figure."""
-    fig, (ax_knn, ax_rank, ax_spec) = plt.subplots(1, 3, figsize=(16, 5))
-    for i, r in enumerate(runs):
-        epochs = [row["epoch"] for row in r["rows"]]
-        ax_knn.plot(epochs, [row["knn_acc"] for row in r["rows"]], "o-", ms=3, color=f"C{i}", label=r["label"])
-        for stage, style in (("projector", "-"), ("backbone", "--")):
-            ax_rank.plot(epochs, [row["collapse"][stage]["eff_rank"] for row in r["rows"]], style, color=f"C{i}")
-            spectrum = [v for v in r["final"][stage]["spectrum"] if v > 0]  # log scale: zeros have no place
-            ax_spec.semilogy(range(1, len(spectrum) + 1), spectrum, style, color=f"C{i}")
-    ax_knn.set(title="k-NN accuracy of the backbone", xlabel="epoch", ylabel="k-NN accuracy (%)")
-    ax_rank.set(title="effective rank", xlabel="epoch", ylabel="effective rank")
+def seed_stats(entry, value):
+    """(epochs every run of a setting evaluated, and the mean, min and max of value(row) there)."""
+    by_epoch = [{row["epoch"]: row for row in r["rows"]} for r in entry]
+    epochs = sorted(set.intersection(*(set(b) for b in by_epoch)))
+    v = torch.tensor([[value(b[e]) for e in epochs] for b in by_epoch], dtype=torch.float64)
+    return epochs, v.mean(0), v.amin(0), v.amax(0)
+
+
+def metric_points(runs):
+    """(backbone correlation strength, k-NN accuracy) at every evaluation of the runs."""
+    return [(row["collapse"]["backbone"]["corr_strength"], row["knn_acc"]) for r in runs for row in r["rows"]]
+
+
+def draw_runs(plt, entries):
+    """Per setting over epochs (seeds: their mean, a band from min to max): k-NN accuracy, the projector's
+    std (complete collapse: 0) and correlation strength (dimensional collapse: 1), effective rank; the
+    final spectra; correlation as an unsupervised metric (against k-NN, every evaluation). -> the figure."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    (ax_knn, ax_std, ax_corr), (ax_rank, ax_spec, ax_metric) = axes
+    at = lambda where, key: lambda row: row["collapse"][where][key]
+    curves = ((ax_knn, lambda row: row["knn_acc"], "o-"), (ax_std, at("projector", "std"), "-"),
+              (ax_corr, at("projector", "corr_strength"), "-"), (ax_corr, at("backbone", "corr_strength"), "--"),
+              (ax_rank, at("projector", "eff_rank"), "-"), (ax_rank, at("backbone", "eff_rank"), "--"))
+    for i, entry in enumerate(entries):
+        for ax, value, style in curves:
+            epochs, mean, lo, hi = seed_stats(entry, value)
+            ax.plot(epochs, mean, style, ms=3, color=f"C{i}", label=entry[0]["title"])
+            if len(entry) > 1:
+                ax.fill_between(epochs, lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+        for where, style in (("projector", "-"), ("backbone", "--")):
+            spectrum = torch.tensor([r["final"][where]["spectrum"] for r in entry]).mean(0)
+            ax_spec.semilogy(torch.arange(1, len(spectrum) + 1)[spectrum > 0], spectrum[spectrum > 0], style,
+                             color=f"C{i}")  # log scale: zeros have no place
+        ax_metric.scatter(*zip(*metric_points(entry)), s=14, color=f"C{i}")
+    for ax, title, ylabel in ((ax_knn, "k-NN accuracy of the backbone", "k-NN accuracy (%)"),
+                              (ax_std, "projector output: std (0 = complete collapse)", "mean per-axis std"),
+                              (ax_corr, "correlation strength (1 = dimensional collapse)", "mean |corr|"),
+                              (ax_rank, "effective rank", "effective rank")):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax_std.set_yscale("log")
     ax_spec.set(title="final covariance spectrum", xlabel="eigenvalue index (largest first)",
                 ylabel="eigenvalue / largest", ylim=(1e-8, 2))
-    stages = [plt.Line2D([], [], color="0.3", ls=ls, label=name) for ls, name in (("-", "projector output"),
-                                                                                  ("--", "backbone"))]
-    for ax in (ax_knn, ax_rank, ax_spec):
+    rho = spearman(*zip(*metric_points([r for e in entries for r in e])))
+    ax_metric.set(title=f"correlation as an unsupervised metric (Spearman {rho:+.2f})", ylabel="k-NN accuracy (%)",
+                  xlabel="backbone correlation strength (no labels), every evaluation")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        if ax is not ax_knn:
-            ax.legend(handles=stages, fontsize=8)
-    fig.legend(*ax_knn.get_legend_handles_labels(), loc="lower center", ncol=min(len(runs), 5), fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    for ax in (ax_corr, ax_rank, ax_spec):
+        ax.legend(handles=[plt.Line2D([], [], color="0.3", ls="-", label="projector"),
+                           plt.Line2D([], [], color="0.3", ls="--", label="backbone")], fontsize=8)
+    fig.legend(*ax_knn.get_legend_handles_labels(), loc="lower center", ncol=min(len(entries), 4), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
 
 
-def runs_table(runs):
-    """The runs' final numbers as a Markdown table, one row per run, with what made them."""
-    lines = ["| run | decorr | groups | k-NN % | linear % | projector eff. rank | epochs | batch | made with |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def draw_projections(plt, runs):
+    """The paper's Figure 2: a row per 2-d run (3-d: two axes), points coloured by class, at up to 4 evaluations;
+    every panel on the same axes, so a collapsed output is drawn as the point it is. -> the figure."""
+    picks = []
     for r in runs:
-        cfg, res, last = r["cfg"], r["results"], r["rows"][-1]
-        linear = f"{res['linear_acc']:.2f}" if "linear_acc" in res else ""
+        rows = [row for row in r["rows"] if row.get("projection", {}).get("points")]
+        picks.append([rows[round(i * (len(rows) - 1) / 3)] for i in range(4)] if len(rows) > 4 else rows)
+    every = torch.tensor([p[:2] for rows in picks for row in rows for p in row["projection"]["points"]])
+    lim = 1.1 * every.abs().flatten().quantile(0.995).item()  # the rarest outliers may leave the frame
+    width = max(map(len, picks))
+    fig, axes = plt.subplots(len(runs), width, figsize=(2.8 * width, 2.8 * len(runs)), squeeze=False)
+    for ax_row, r, rows in zip(axes, runs, picks):
+        for j, ax in enumerate(ax_row):
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+            if j < len(rows):
+                pts, labels = torch.tensor(rows[j]["projection"]["points"]), rows[j]["projection"]["labels"]
+                ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, rasterized=True)
+                ax.set_title(f"epoch {rows[j]['epoch']}", fontsize=10)
+        ax_row[0].set_ylabel(r["label"], fontsize=11)
+    fig.suptitle("2-d projection spaces (colours: classes), every panel on the same axes", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: the Pearson correlation of the ranks (ties: their mean rank)."""
+    def ranks(v):
+        _, inverse, counts = torch.tensor(v, dtype=torch.float64).unique(return_inverse=True, return_counts=True)
+        return (counts.cumsum(0) - counts + (counts - 1) / 2)[inverse]  # 0-based, ties averaged
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return (rx @ ry / (rx.norm() * ry.norm())).item()
+
+
+def runs_table(entries):
+    """The final numbers as a Markdown table, a row per setting (seeds: mean ± standard deviation, n), with
+    what made them; then how well backbone correlation (no labels) ranks the accuracies (Spearman)."""
+    lines = ["| setting | runs | k-NN % | linear % | projector std | projector corr | projector eff. rank | "
+             "backbone corr | epochs | batch | made with |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    spread = lambda v, fmt: f"{v[0]:{fmt}}" if len(v) == 1 else \
+        f"{sum(v) / len(v):{fmt}} ± {torch.tensor(v, dtype=torch.float64).std():{fmt}}"
+    for e in entries:
+        cfg, res, last = e[0]["cfg"], e[0]["results"], e[0]["rows"][-1]
+        stat = lambda value, fmt=".2f": spread([value(r) for r in e], fmt)
+        final = lambda where, key, fmt: stat(lambda r: r["final"][where][key], fmt)
+        linear = stat(lambda r: r["results"]["linear_acc"]) if all("linear_acc" in r["results"] for r in e) else ""
         epochs = f"{cfg.get('epochs')}" if res else f"{last['epoch']} of {cfg.get('epochs')}"
         made = f"{res['device_name']}, torch {res['torch']}, fdsl {res['fdsl_version'][:12]}" if "torch" in res else ""
-        lines.append(f"| {r['name']} | {cfg['decorr']} | {r['groups']} | {res.get('knn_acc', last['knn_acc']):.2f} | "
-                     f"{linear} | {r['final']['projector']['eff_rank']:.1f} | {epochs} | {cfg.get('batch_size')} | "
-                     f"{made} |")
+        lines.append(f"| {e[0]['label']} | {', '.join(r['name'] for r in e)}{f' (n={len(e)})' * (len(e) > 1)} | "
+                     f"{stat(lambda r: r['results'].get('knn_acc', r['rows'][-1]['knn_acc']))} | {linear} | "
+                     f"{final('projector', 'std', '.3g')} | {final('projector', 'corr_strength', '.2f')} | "
+                     f"{final('projector', 'eff_rank', '.1f')} | {final('backbone', 'corr_strength', '.2f')} | "
+                     f"{epochs} | {cfg.get('batch_size')} | {made} |")
+    runs = [r for e in entries for r in e]
+    lines.append(f"\nSpearman's rank correlation of the backbone's correlation strength with k-NN accuracy over "
+                 f"every evaluation of every run ({len(metric_points(runs))} points): "
+                 f"{spearman(*zip(*metric_points(runs))):+.2f}.")
+    if all("linear_acc" in r["results"] for r in runs):
+        finals = [(r["final"]["backbone"]["corr_strength"], r["results"]["linear_acc"]) for r in runs]
+        lines.append(f"With linear accuracy, over the runs' final correlation ({len(runs)} runs): "
+                     f"{spearman(*zip(*finals)):+.2f}.")
     return "\n".join(lines) + "\n"
 
 

@@ -999,13 +999,14 @@ def test_benchmark_times_every_part_and_keeps_its_table_only_when_asked(tmp_path
                    "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2", "--out", "bench"])
     t = r["seconds"]
     assert {"eager full step", "eager bare encoder+projector", "augmentation (2 views, one call)",
-            "normalization layer (2 views, one call)", "optimizer step", "k-NN search (10k x 50k)"} <= set(t)
+            "normalization layer (2 views, one call)", "optimizer step"} <= set(t)
     assert all(v > 0 for v in t.values())
     assert r["images_per_s"] == pytest.approx(32 / t["eager full step"])
     assert r["step_vs_bare"]["eager"] == pytest.approx(t["eager full step"] / t["eager bare encoder+projector"])
     assert r["train_step"] == "eager" and r["whiten_method"] == "eigh" and r["first_step_s"] is None
     out = capsys.readouterr().out
-    assert out.count("needs CUDA") == 2 and "full step / bare model" in out and "50,000 + 10,000 images" in out
+    assert out.count("needs CUDA") == 2 and "full step / bare model" in out and "50,000-image epoch" in out
+    assert "fp32, channels_last" in out  # the precision and layout it measured
     assert os.listdir(tmp_path) == ["bench"]  # its table only: no run folder, no data download
     command, table = (tmp_path / "bench" / "benchmark.md").read_text().split("\n\n```\n")
     assert command == "`python fdsl.py --benchmark --arch small --proj-dim 64 --proj-hidden 128 --groups 4 " \
@@ -1127,12 +1128,15 @@ def test_the_graph_step_refuses_a_batch_of_another_shape():
     assert "\n" not in str(e.value)
 
 
-def test_graph_inputs_are_the_tensors_the_model_and_optimizer_hold():
+def test_graph_inputs_are_the_tensors_the_model_and_optimizer_hold(tmp_path):
     _, tr = trainer_run(True)
-    fdsl.check_graph_inputs(tr)  # nothing was replaced while training
+    tr.cfg.out = str(tmp_path)
+    run = fdsl.Run(tr.cfg, tr.machine, None, None, tr)
+    fdsl.save_checkpoint(run, 1)  # nothing was replaced while training
     tr.opt.load_state_dict(tr.opt.state_dict())  # a resume done after capture: new momentum tensors
     with pytest.raises(RuntimeError, match="replaced after capture"):
-        fdsl.check_graph_inputs(tr)
+        fdsl.save_checkpoint(run, 2)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_step_choice_follows_the_machine_and_flags(monkeypatch, capsys):
@@ -1210,10 +1214,13 @@ def test_plot_draws_every_run_and_tables_them_in_the_papers_order(findings, find
     colours = {pixels[i:i + 3] for i in range(0, len(pixels), 3) if max(pixels[i:i + 3]) - min(pixels[i:i + 3]) > 100}
     assert len(colours) > 20  # saturated pixels: the runs' coloured curves, not an empty frame
     table = (tmp_path / "fig.md").read_text().splitlines()
-    assert table[0].startswith("| run | decorr | groups | k-NN % | linear %")
-    assert [row.split("|")[2].strip() for row in table[2:]] == ["none", "bn", "zca"]  # the paper's order
+    assert table[0].startswith("| setting | runs | k-NN % | linear % | projector std | projector corr")
+    rows = [row for row in table[2:] if row.startswith("| ")]
+    assert [row.split("|")[2].strip() for row in rows] == ["none", "bn", "zca"]  # the paper's order
     knn = findings["zca"][0]["knn_acc"]
-    assert f"| zca | 4 shuffled | {knn:.2f} |" in table[4]
+    assert rows[2].startswith(f"| zca, 4 shuffled groups | zca | {knn:.2f} |")
+    assert "Spearman's rank correlation" in table[-1] and "(6 points)" in table[-1]  # 3 runs x epochs 0, 4
+    assert not (tmp_path / "fig-2d.png").exists()  # Figure 2 is drawn for 2-d outputs only
 
 
 def test_plot_without_out_writes_beside_the_runs_and_ignores_a_half_written_line(findings_dir, tmp_path, monkeypatch):
@@ -1228,6 +1235,81 @@ def test_plot_without_out_writes_beside_the_runs_and_ignores_a_half_written_line
     assert fdsl.main(["--plot", str(run)]) == str(tmp_path / "runs" / "comparison.png")
     assert (tmp_path / "runs" / "comparison.png").exists() and not (tmp_path / "plot.png").exists()
     assert "| 4 of 4 |" in (tmp_path / "runs" / "comparison.md").read_text()
+
+
+def fake_run(root, name, knn, corr, linear=None, **settings):
+    """A run folder as fdsl writes one, with made-up numbers: an evaluation per epoch 0, 1, ..."""
+    d = root / name
+    d.mkdir()
+    config = {**{k: v for k, (v, _) in fdsl.RECIPE.items()}, "train_subset": 0, "test_subset": 0, "image_size": 32,
+              "precision": "auto", **settings}
+    (d / "config.json").write_text(json.dumps(config))
+    stage = lambda c: {"std": 1.0, "std_l2": 0.1, "corr_strength": c, "eff_rank": 10.0, "spectrum": [1.0, 0.5]}
+    rows = [{"epoch": e, "knn_acc": k, "collapse": {"backbone": stage(c), "projector": stage(c), "normalized": stage(0)}}
+            for e, (k, c) in enumerate(zip(knn, corr))]
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if linear is not None:
+        (d / "results.json").write_text(json.dumps({"knn_acc": knn[-1], "linear_acc": linear,
+                                                    "collapse": rows[-1]["collapse"]}))
+    return str(d)
+
+
+def test_plot_merges_the_seeds_of_a_setting_and_nothing_else(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
+    runs = [fake_run(tmp_path, "zca-s0", [30, 40], [0.5, 0.3], 41.0, seed=0),
+            fake_run(tmp_path, "zca-s1", [30, 44], [0.5, 0.2], 45.0, seed=1),
+            fake_run(tmp_path, "zca-lr", [30, 35], [0.5, 0.4], 36.0, seed=0, lr=0.1)]  # another setting
+    fdsl.plot_runs(runs, str(tmp_path / "cmp.png"))
+    table = (tmp_path / "cmp.md").read_text()
+    rows = [row for row in table.splitlines() if row.startswith("| zca")]
+    assert len(rows) == 2
+    merged, other = sorted(rows, key=lambda row: "(n=2)" not in row)
+    assert "| zca-s0, zca-s1 (n=2) | 42.00 ± 2.83 | 43.00 ± 2.83 |" in merged  # mean ± sample standard deviation
+    assert "| zca-lr | 35.00 | 36.00 |" in other
+    # Correlation ranks the accuracies perfectly here, ties included (the three epoch-0 points)
+    assert "every evaluation of every run (6 points): -1.00." in table and "(3 runs): -1.00." in table
+
+
+def test_spearman_is_the_correlation_of_ranks_with_ties_averaged():
+    assert fdsl.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert fdsl.spearman([0.9, 0.5, 0.2], [10, 20, 30]) == pytest.approx(-1.0)
+    assert fdsl.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # ranks 0.5, 0.5, 2
+    assert fdsl.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+
+
+@pytest.fixture(scope="module")
+def two_d_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_d")
+    args = SHORT + ["--proj-dim", "2", "--groups", "auto", "--epochs", "2", "--linear-epochs", "0"]
+    return {d: (fdsl.main(args + ["--decorr", d, "--out", str(root / d)]), root / d) for d in ("bn", "zca")}
+
+
+def test_a_2d_run_keeps_the_layers_output_white_for_zca_and_standardized_for_bn(two_d_runs, findings_dir):
+    for decorr, (_, d) in two_d_runs.items():
+        assert json.loads((d / "config.json").read_text())["groups"] == 1  # auto: ceil(2 x 2 / 32)
+        rows = fdsl.read_log(d / "log.jsonl")
+        assert [row["epoch"] for row in rows if "projection" in row] == [0, 1, 2]
+        first = rows[0]["projection"]
+        assert len(first["points"]) == len(first["labels"]) == 192  # 200 test images, in full batches of 32
+        assert all(row["projection"]["labels"] == first["labels"] for row in rows)  # the same images each time
+        z = torch.tensor(rows[-1]["projection"]["points"], dtype=torch.float64)
+        cov = torch.cov(z.T, correction=0)  # each batch centred and whitened: the pooled covariance too
+        if decorr == "zca":
+            torch.testing.assert_close(cov, torch.eye(2, dtype=torch.float64), atol=2e-3, rtol=0)
+        else:
+            torch.testing.assert_close(cov.diagonal(), torch.ones(2, dtype=torch.float64), atol=2e-3, rtol=0)
+            assert abs(cov[0, 1]) > 0.1  # standardized, not decorrelated
+    assert all("projection" not in row for row in fdsl.read_log(findings_dir / "zca" / "log.jsonl"))  # 128 axes
+
+
+def test_plot_draws_figure_2_for_2d_runs_only(two_d_runs, findings_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional")
+    dirs = [str(d) for _, d in two_d_runs.values()] + [str(findings_dir / "zca")]  # a 128-d run too
+    fdsl.plot_runs(dirs, str(tmp_path / "cmp.png"))
+    assert "the 2-d projection spaces of 2 in" in capsys.readouterr().out
+    from PIL import Image
+    with Image.open(tmp_path / "cmp-2d.png") as im:  # two rows (runs), three columns (epochs 0, 1, 2)
+        assert im.size[0] > im.size[1] > 300
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
