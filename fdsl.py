@@ -113,8 +113,7 @@ class Data:
 
 
 def load_data(cfg):
-    """CIFAR, an image folder or generated data (readers: Appendix E), in class-balanced subsets
-    if asked. -> Data."""
+    """CIFAR, an image folder or generated data (readers: Appendix E), class-balanced subsets if asked."""
     if cfg.dataset in ("cifar10", "cifar100"):
         data = load_cifar(cfg.dataset, cfg.data_dir)
     elif cfg.dataset == "folder":
@@ -820,9 +819,10 @@ def setup_machine(cfg):
 
 
 def autocast_precision(device):
-    """--precision auto: bf16 from compute capability 8.0 (A100, H100, RTX 30/40); fp16 with loss scaling
-    below (T4, V100, RTX 20: no bf16 units, though is_bf16_supported() says True); fp32 on CPU and MPS."""
-    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    """--precision auto: bf16 from compute capability 8.0 (A100, H100, RTX 30/40), loss-scaled fp16 on 7.x (V100,
+    T4, RTX 20: fp16 tensor cores, no bf16 though is_bf16_supported() says True), else fp32 (CPU, MPS too)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
 
 
 def print0(machine, *args):

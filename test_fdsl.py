@@ -3,6 +3,7 @@
     python -m pytest -q test_fdsl.py
 """
 
+import argparse
 import json
 import math
 import os
@@ -1088,8 +1089,8 @@ def test_channels_last_on_the_cpu_trains_as_contiguous_does(monkeypatch):
     assert [loss for loss, _ in channels_last] == pytest.approx([loss for loss, _ in contiguous], rel=1e-4)
 
 
-@pytest.mark.parametrize("capability,precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
-                                                  ((9, 0), "bf16")])
+@pytest.mark.parametrize("capability,precision", [((6, 1), "fp32"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                                  ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_auto_precision_follows_the_gpus_compute_capability(monkeypatch, capability, precision):
     # V100 7.0, T4 7.5: no bf16 units, although torch.cuda.is_bf16_supported() says True (emulation)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -1097,7 +1098,7 @@ def test_auto_precision_follows_the_gpus_compute_capability(monkeypatch, capabil
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     machine = fdsl.setup_machine(fdsl.build_parser().parse_args(["--device", "cuda"]))
-    assert machine.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert machine.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     assert fdsl.autocast_precision(torch.device("cpu")) == "fp32"  # the CPU stays exact by default
 
 
@@ -1351,6 +1352,24 @@ def test_help_says_every_default_in_words_that_cannot_be_misread():
             assert "default" in parser._get_formatter()._get_help_string(action), action.option_strings
     assert "axes reshuffled into new groups every step (Shuffled-DBN); off: fixed groups (default: on; this " \
            "flag turns it off)" in text  # --no-shuffle
+
+
+def test_every_flag_of_help_is_in_readmes_flags_table():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    table = readme[readme.index("## Flags"):]
+    flags = [f for action in fdsl.build_parser()._actions for f in action.option_strings if f not in ("-h", "--help")]
+    assert [f for f in flags if f"`{f}" not in table] == []
+
+
+def test_a_float32_whitening_is_said_at_the_start_also_on_apple_mps():
+    cfg = fdsl.build_parser().parse_args([])
+    notes = lambda device, dtype: list(fdsl.settings_notes(cfg, fdsl.Machine(torch.device(device), None),
+                                                          argparse.Namespace(net=argparse.Namespace(
+                                                              norm=fdsl.GroupWhitening(512, 16, dtype=dtype)))))
+    assert not any("float32" in n for n in notes("cpu", torch.float64))  # the default: float64, nothing to say
+    for device, dtype in (("mps", torch.float64), ("cpu", torch.float32)):  # MPS has no float64
+        (note,) = [n for n in notes(device, dtype) if "float32" in n]
+        assert "3.8e-6 for groups of 32" in note and ("MPS" in note) == (device == "mps")
 
 
 def expect_one_line_error(args, capsys, *words):
