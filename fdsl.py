@@ -674,8 +674,10 @@ def small_eigh(a, eigenvalues_only=False):
     if a.device.type == "mps":  # no eigensolver on Apple GPUs: solve on the CPU (differentiably)
         out = small_eigh(a.cpu(), eigenvalues_only)
         return out.to(a.device) if eigenvalues_only else tuple(t.to(a.device) for t in out)
+    if a.device.type != "cpu" or threads == 1:  # the GPU's eager step calls this every step: nothing to set
+        return fn(a)
     try:
-        torch.set_num_threads(1 if a.device.type == "cpu" else threads)
+        torch.set_num_threads(1)
         return fn(a)
     finally:
         torch.set_num_threads(threads)
