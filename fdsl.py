@@ -22,12 +22,11 @@ each group by construction, and reshuffling the groups decorrelates every pair o
 collapse of either kind, and better features. (4) How correlated the features are, measured
 without labels, tells good representations from bad ones.
 
-Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations, 4 the
-paper's layer (it copies out: the blocks between "# --- copy from here" and "# --- copy to
-here" run on their own after the imports below), 5 model, 6 loss, 7 collapse metrics,
-8 evaluation, 9 training, 10 main. The appendices are machinery, each skippable: A numerics
-of C^(-1/2), B devices and GPUs, C the fast path, D settings and run files, E data readers and
-augmentation kernels, F tools. `##` comments teach the method, `#` ones are for maintainers.
+Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations, 4 the paper's
+layers (they copy out: the blocks between "# --- copy from here" and "# --- copy to here"), 5 model,
+6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The appendices are machinery, each
+skippable: A numerics of C^(-1/2), B devices and GPUs, C the fast path, D settings and run files,
+E data readers and augmentation kernels, F tools. `##` comments teach, `#` ones maintain.
 """
 
 import argparse
@@ -69,15 +68,15 @@ if sys.version_info < (3, 10):  # `X | None` annotations, among others
 
 RECIPE = {  # setting: (default, what it means)
     "dataset": ("cifar10", "cifar10 | cifar100 | folder (DIR/train, DIR/test) | synthetic ([fdsl] offline)"),
-    "arch": ("resnet18", "resnet18: CIFAR ResNet-18 (F = 512 features); small: [fdsl] 4 conv layers (F = 256), for CPUs"),
+    "arch": ("resnet18", "resnet18: CIFAR ResNet-18 (F = 512 features); small: [fdsl] 4 convs (F = 256), for CPUs"),
     "proj_hidden": (1024, "projector hidden width: Linear(F, 1024) -> BN -> ReLU -> Linear(1024, D)"),
     "proj_dim": (512, "projector output width D"),
     "decorr": ("zca", "the layer after the projector: none | bn (standardize each axis) | zca (whiten groups of axes)"),
     "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: G = ceil(2D / batch), the authors' rule"),
-    "shuffle": (True, "zca: a new random grouping of the axes at every call of the layer (Shuffled-DBN); off: fixed groups"),
+    "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups"),
     "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
-    "whiten": ("auto", "[fdsl] W = C^(-1/2) by eigh | newton | auto (newton in the CUDA-graph step, else eigh); the authors: eigh"),
-    "whiten_dtype": ("float64", "[fdsl] precision of the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
+    "whiten": ("auto", "[fdsl] W = C^(-1/2) by eigh | newton | auto (newton in the CUDA graph, else eigh)"),
+    "whiten_dtype": ("float64", "[fdsl] the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
     "predictor": (False, "[SimSiam] a predictor MLP D -> pred_hidden -> D on the output"),
     "pred_hidden": (256, "[SimSiam] predictor hidden width"),
     "stop_grad": (False, "[SimSiam] no gradient through the target view"),
@@ -99,9 +98,10 @@ RECIPE = {  # setting: (default, what it means)
 
 # =============================================================================================
 # 2. Data
-## The images sit on the device as uint8 tensors, moved there once (the training images, their
-## evaluation view, the metric images: images_on_device, Appendix B). A batch is a random gather
-## from the training tensor, so no DataLoader or CPU worker sits in the training loop.
+## The images sit on the device as uint8 tensors, moved there once (the training images, the
+## evaluation view of the training and test images, the metric images: images_on_device, Appendix
+## B). A batch is a random gather from the training images, so no DataLoader or CPU worker sits in
+## the training loop.
 # =============================================================================================
 
 
@@ -161,36 +161,58 @@ def eval_transform(x, chunk=4096):
 # =============================================================================================
 # 4. The paper's layers: standardizing and whitening the projector output over the batch
 ## Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so the
-## output can collapse onto a few directions. Whitening makes the covariance of each group of
-## axes the identity over the batch, so within a group no direction can be lost; reshuffling the
-## groups at every call extends that to every pair of axes over training. The two copy blocks
-## (this one and Appendix A's) are all both layers need: pasted after this file's imports, they run.
+## output can collapse onto a few directions. Whitening makes the covariance of each group of axes
+## the identity over the batch; reshuffling the groups at every call extends that to every pair of
+## axes over training. The two copy blocks (this one and Appendix A's) run on their own after the
+## imports above.
 # =============================================================================================
 
 # --- copy from here: the paper's layers (they need Appendix A's block too) -------------------
 
 
+class Standardize(nn.Module):
+    """Per-axis standardization over the batch, no affine: the paper's "BN" (finding 2). x: N x D ->
+    (x - mean) / std per axis, with the batch's mean and biased std: what the authors' BatchNorm (eps
+    0, no affine) computes in training. Unlike nn.BatchNorm1d(affine=False): no eps (its 1e-5 on the
+    variance lets a shrinking input give a shrinking output); the batch's statistics in eval mode too
+    (no running averages: the authors' keeps them for eval mode, which no evaluation reads); a constant
+    axis gives 0, not NaN; in `dtype`, outside autocast. global_batch: as GroupWhitening's."""
+
+    def __init__(self, num_features, dtype=torch.float64, global_batch=False):
+        super().__init__()
+        self.num_features, self.dtype, self.global_batch = num_features, dtype, global_batch
+
+    def forward(self, x):
+        sync = self.global_batch and self.training
+        if x.dim() != 2 or x.shape[1] != self.num_features or len(x) * (world_size() if sync else 1) < 2:
+            raise ValueError(f"expected N x {self.num_features} features, N >= 2, got {tuple(x.shape)}")
+        with outside_autocast(x):
+            h = x.to(self.dtype)
+            hc = h - batch_mean(h.sum(0), len(x), sync)
+            var = batch_mean(hc.square().sum(0), len(x), sync)
+            y = hc * torch.where(var > 0, var, torch.ones_like(var)).rsqrt()
+        return y.to(x.dtype)
+
+
 class GroupWhitening(nn.Module):
     """Shuffled group ZCA whitening over the batch, the paper's "Shuffled-DBN" (finding 3).
-    x: N x D (one view) -> N x D. The axes are shuffled, then for each group of S = D / G axes:
+    x: N x D (one view) -> N x D: the axes shuffled, then for each group of S = D / G axes
         xc = x - mean(x)                    centre every axis over the N samples (N x S)
         C  = xc^T xc / N                    biased covariance (S x S); m = tr(C) / S
         C / m + e I = U diag(l) U^T         e = max(eps, S x machine epsilon of dtype)
         W  = U diag(l^-1/2) U^T / sqrt(m)   ZCA (the whitening that rotates least); l clamped at e
         y  = xc W                           y's covariance over the batch: I, to within e / l
-    and the permutation is undone. Only each group is white: axes of different groups stay
-    correlated within a call. ## Shuffling (a fresh random permutation of the D axes at every
-    ## call: each view of each step, and at evaluations) puts every pair of axes in one group
-    ## some of the time, so over training every pair is decorrelated. Groups keep C well
-    ## conditioned at small batches: N centred samples span N - 1 directions, so a group must be
-    ## smaller than the batch (the layer refuses S >= N).
-    groups=1: full ZCA (DBN); shuffle=False: grouped DBN. eps is relative to m (why:
-    whitening_matrix); at its floor e (eps=0: 7e-15 for S = 32 in float64) this is the authors'
-    layer, which adds nothing. Batch statistics in train and eval mode (no running averages, as
-    the authors'), in `dtype` outside autocast; the output in x's dtype. method: eigh or newton
-    (the same W, Appendix A). global_batch: in train mode, statistics over every process's
-    samples (torchrun, each process holding N). last_perm: the last permutation (None without
-    shuffling), drawn from the default generator of x's device (torch.manual_seed seeds them)."""
+    and the shuffle undone. Each group is white; axes of different groups may stay correlated.
+    ## The shuffle, a new permutation of the D axes at every call (each view, each step, each
+    ## evaluation), puts every pair of axes in one group now and then: over training, every pair is
+    ## decorrelated. N centred samples span N - 1 directions, so a group must be smaller than the
+    ## batch (the layer refuses S >= N): groups keep C well conditioned at small batches.
+    groups=1: full ZCA (DBN); shuffle=False: grouped DBN. eps: relative to m (whitening_matrix says
+    why); eps=0: the authors' layer (no eps) up to the floor e, 7e-15 for S = 32 in float64. The
+    batch's statistics in train and eval mode (no running averages, as the authors'), in `dtype`,
+    outside autocast; y in x's dtype. method: eigh or newton (the same W, Appendix A). global_batch:
+    in train mode, over every process's samples (torchrun; each holds N). last_perm: the last
+    permutation (None unshuffled), from x's device's default generator (torch.manual_seed)."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
@@ -202,10 +224,6 @@ class GroupWhitening(nn.Module):
         self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
         self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
         self.global_batch, self.last_perm = global_batch, None
-
-    def extra_repr(self):
-        return (f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, "
-                f"dtype={self.dtype}, method={self.method}, global_batch={self.global_batch}")
 
     def forward(self, x):
         n, d, sync = self.check(x)
@@ -236,16 +254,15 @@ class GroupWhitening(nn.Module):
 
 
 def whitening_matrix(cov, eps, method="eigh"):
-    """GroupWhitening's W for covariances cov: ... x S x S (the formula is there).
+    """GroupWhitening's W (its formula) for covariances cov: ... x S x S.
     ## eps is relative: with an absolute eps, (C + eps I)^(-1/2) of a tiny C is about eps^(-1/2) I,
     ## the "whitened" output of a tiny input is a small copy of it, and the network lowers the loss
     ## by shrinking its output. Relative to m, W(c^2 C) = W(C) / c: the output of c x is that of x.
     ## eps is small (1e-8): a direction whose variance v (an eigenvalue of C) sinks to about eps x m
     ## comes out with std sqrt(v / (v + eps m)) < 1, so a large eps lets the network collapse below
     ## it (at 1e-5 it did: docs/notes.md). The floor e: rounding moves the eigenvalues of C / m (at
-    ## most S) by about S x machine epsilon, so a smaller eps cannot be honoured. Each group's
-    ## condition number is at most (S + e) / e.
-    A group whose axes are all constant (C = 0) has nothing to whiten: W = I, its output 0."""
+    ## most S) by about S x machine epsilon, so no smaller eps can be honoured. A group's condition
+    ## number is at most (S + e) / e. A group of constant axes (C = 0): W = I, its output 0."""
     size = cov.shape[-1]
     eps = whitening_eps(eps, size, cov.dtype)  # e
     eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
@@ -256,57 +273,7 @@ def whitening_matrix(cov, eps, method="eigh"):
     return inverse_sqrt(a, eps, method) * m.rsqrt()
 
 
-class Standardize(nn.Module):
-    """Per-axis standardization over the batch, no affine: the paper's "BN" case (finding 2).
-    x: N x D -> (x - mean) / std, per axis, with the batch's mean and biased std. What the authors'
-    own BatchNorm (eps 0, no affine) computes in training. Unlike nn.BatchNorm1d(affine=False):
-    no eps (BatchNorm1d's 1e-5 on the variance lets a shrinking input give a shrinking output),
-    the batch's statistics in eval mode too (no running averages, as GroupWhitening; the authors'
-    BatchNorm keeps them for eval mode, which no evaluation reads: k-NN and the probe score the
-    encoder), a constant axis comes out 0 (not NaN), in `dtype` outside autocast. global_batch:
-    as GroupWhitening's."""
-
-    def __init__(self, num_features, dtype=torch.float64, global_batch=False):
-        super().__init__()
-        self.num_features, self.dtype, self.global_batch = num_features, dtype, global_batch
-
-    def forward(self, x):
-        sync = self.global_batch and self.training
-        if x.dim() != 2 or x.shape[1] != self.num_features or len(x) * (world_size() if sync else 1) < 2:
-            raise ValueError(f"expected N x {self.num_features} features, N >= 2, got {tuple(x.shape)}")
-        with outside_autocast(x):
-            h = x.to(self.dtype)
-            hc = h - batch_mean(h.sum(0), len(x), sync)
-            var = batch_mean(hc.square().sum(0), len(x), sync)
-            y = hc * torch.where(var > 0, var, torch.ones_like(var)).rsqrt()
-        return y.to(x.dtype)
-
-
-def batch_mean(total, n, global_batch=False):
-    """total / n, for `total` a sum over this process's n samples; global_batch: the mean over
-    every process's samples (each holding n), their sum all-reduced differentiably (Appendix A)."""
-    return all_reduce_sum(total) / (n * world_size()) if global_batch else total / n
-
-
-def outside_autocast(x):
-    """Leaves a surrounding autocast for the block it guards (fdsl autocasts on CPU and CUDA only)."""
-    return torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else contextlib.nullcontext()
-
-
 # --- copy to here ----------------------------------------------------------------------------
-
-
-def normalization_layer(kind, dim, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
-                        global_batch=False):
-    """The layer after the projector, one per finding: none -> identity (complete collapse, 1);
-    bn -> Standardize (dimensional collapse, 2); zca -> GroupWhitening (neither, 3)."""
-    if kind == "none":
-        return nn.Identity()
-    if kind == "bn":
-        return Standardize(dim, dtype, global_batch)
-    if kind == "zca":
-        return GroupWhitening(dim, groups, shuffle, eps, dtype, method, global_batch)
-    raise ValueError(f"unknown normalization {kind!r}: none, bn or zca")
 
 
 # =============================================================================================
@@ -344,8 +311,8 @@ def mlp(in_dim, hidden, out_dim):
 
 class SiameseNet(nn.Module):
     """One network shared by both views; the findings differ only in `norm`. forward(x1, x2), each
-    view N x 3 x H x W -> (p1, p2, z1, z2), each N x D float32: z the normalized projector output,
-    p = predictor(z) (p = z without one). ## One call per view, as the authors: every BatchNorm
+    view N x 3 x H x W -> (p1, p2, z1, z2), each N x D: z the normalized projector output (float32),
+    p = predictor(z) (z itself without one). ## One call per view, as the authors: every BatchNorm
     ## and the paper's layer see one view at a time, with its own statistics and permutation."""
 
     def __init__(self, encoder, feat_dim, projector, norm, predictor=None):
@@ -368,10 +335,14 @@ class SiameseNet(nn.Module):
 
 
 def build_model(cfg, whiten="eigh", dtype=torch.float64, world=1):
-    """The network cfg describes; whiten: eigh or newton, dtype: the layer's; world: processes."""
+    """The network cfg describes, with one of the paper's three layers after the projector. whiten:
+    eigh or newton; dtype: the layer's; world: processes (more than 1: statistics over all of them)."""
     encoder, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
-    norm = normalization_layer(cfg.decorr, cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps, dtype, whiten,
-                               global_batch=world > 1)
+    layers = {"none": lambda: nn.Identity(),  # finding 1: complete collapse
+              "bn": lambda: Standardize(cfg.proj_dim, dtype, world > 1),  # finding 2: dimensional collapse
+              "zca": lambda: GroupWhitening(cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps, dtype, whiten,
+                                            world > 1)}  # finding 3: neither
+    norm = layers[cfg.decorr]()
     pred = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor else None
     return SiameseNet(encoder, feat_dim, mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim), norm, pred)
 
@@ -438,15 +409,12 @@ def collapse_metrics(z):
 
 @torch.no_grad()
 def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
-    """collapse_metrics at three stages, on two sets of images:
-      backbone    backbone_feats: the eval-mode encoder features of the test images in their
-                  evaluation view (what k-NN scores)
-      projector   the projector output for metric_x (fixed training images, neither augmented
-                  nor resized) in train mode, in batches of `batch`
-      normalized  the paper's layer's output for those projector outputs, batch by batch
-    ## Train mode (on a copy: train_mode_outputs, Appendix B), because that is how the network
-    ## computes the outputs it trains on: in eval mode BatchNorm's running averages lag behind and
-    ## can make a collapsing output look healthy. -> {stage: metrics}."""
+    """collapse_metrics at three stages, on two sets of images. -> {stage: metrics}.
+      backbone    backbone_feats: eval-mode encoder features of the test images' evaluation view
+      projector   the projector output for metric_x (fixed training images, neither augmented nor
+                  resized) in train mode, in batches of `batch`; normalized: the layer's output for it
+    ## Train mode (on a copy: train_mode_outputs, Appendix B) is how the network computes what it
+    ## trains on; in eval mode BatchNorm's running averages lag and can make a collapse look healthy."""
     y, z = train_mode_outputs(net, metric_x, batch, machine, n_total)
     return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(y),
             "normalized": collapse_metrics(z)}
@@ -530,8 +498,8 @@ def evaluate(net, run):
     metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine,
                                images.n_metric)
     if isinstance(net.norm, GroupWhitening) and metrics["normalized"]["std"] < 0.9:
-        ## A whitened axis has std sqrt(v / (v + eps m)) < 1 only where its group's variance v is
-        ## down at eps x the mean: the network has found that eps lets it drop directions.
+        ## Whitened outputs fall below std 1 only along directions whose variance v (an eigenvalue
+        ## of C) is down near eps x m: the network has found that eps lets it drop directions.
         print0(machine, f"warning: the whitened output is not white (std {metrics['normalized']['std']:.2f}, "
                         f"should be 1): eps is damping directions the network collapsed; {eps_advice(net.norm)}")
     row = {"knn_acc": acc, "collapse": metrics}
@@ -588,7 +556,7 @@ def train_step(tr, x):
     for the GPU). Eagerly, eigh (its error check) and fp16's loss scaler (its inf check) make the
     host wait for the device; the CUDA-graph step has neither (newton, fused SGD: Appendix C)."""
     ## One augmentation call on the batch twice over: every image draws its own crop, flip and
-    ## colours, so the halves are two independent views, and one call launches half the kernels.
+    ## colours, so the halves are two independent views, for half the kernels of two calls.
     x1, x2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
     with tr.machine.autocast():
         loss = siamese_loss(*tr.model(x1, x2), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
@@ -669,7 +637,7 @@ def main(argv=None):
                            whitening_method(cfg, kind))  # --whiten auto: newton in a graph, else eigh
         run = open_run(cfg, machine, data, images, tr)  # run folder; --resume: the checkpoint (Appendix D)
         ## The step that trains: train_step itself, or train_step recorded once as a CUDA graph and
-        ## replayed (the same step with the fused SGD kernel, several times faster: Appendix C).
+        ## replayed (the same step, SGD by its fused kernel; faster where kernels are small: Appendix C).
         step = cuda_graph(train_step, tr, images.train) if kind == "graph" else lambda x: train_step(tr, x)
         log_start(run)  # config.json, the run's description, the table's header (Appendix D)
         return finish_run(run, train(run, step))  # linear probe and results.json (Appendix D)
@@ -678,7 +646,7 @@ def main(argv=None):
 # =============================================================================================
 # Appendix A. Numerics of C^(-1/2), and sums over processes     (skippable: the method is above)
 # Two ways to the same W with finite gradients: eigh (exact, the reference) and Newton-Schulz (matrix
-# products only: a CUDA graph holds it); the differentiable sum that whitening the global batch needs.
+# products only: a CUDA graph holds it); the batch mean over processes (differentiable); leaving autocast.
 # =============================================================================================
 
 # --- copy from here: what the layers need besides section 4 ----------------------------------
@@ -736,8 +704,8 @@ class _InvSqrtEigh(torch.autograd.Function):
 
 def newton_scales(size, eps, dtype):
     """Scaled Newton-Schulz (Chen and Chow, 2014): with x^2 an eigenvalue of ZY, a step scaled by a maps x
-    to h(a x), h(t) = (3t - t^3) / 2; x starts in [l, 1], l^2 = eps / (S (1 + eps)), and a = sqrt(3 / (1 +
-    l + l^2)) gives h(a l) = h(a), the best a cubic can do. 16 steps for 32 axes at 1e-8 in float64."""
+    to h(a x), h(t) = (3t - t^3) / 2; x starts in [b, 1], b^2 = eps / (S (1 + eps)), and a = sqrt(3 / (1 +
+    b + b^2)) gives h(a b) = h(a), the best a cubic can do. 16 steps for 32 axes at 1e-8 in float64."""
     lo, scales = math.sqrt(eps / (size * (1 + eps))), []
     while 1 - lo > torch.finfo(dtype).eps:
         a = math.sqrt(3 / (1 + lo + lo * lo))
@@ -766,10 +734,6 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def distributed():
-    return world_size() > 1
-
-
 class _AllReduceSum(torch.autograd.Function):
     # y = sum_r x_r on every process. Each process's loss depends on y, so the gradient of the
     # total loss with respect to x_r is the sum over processes of dL_r/dy: all-reduce it too.
@@ -788,7 +752,19 @@ class _AllReduceSum(torch.autograd.Function):
 
 def all_reduce_sum(t):
     """Sum of t over all processes, differentiable (torch.distributed.nn's is deprecated)."""
-    return _AllReduceSum.apply(t) if distributed() else t
+    return _AllReduceSum.apply(t) if world_size() > 1 else t
+
+
+def batch_mean(total, n, global_batch=False):
+    """total / n, for `total` a sum over this process's n samples; global_batch: the mean over
+    every process's samples (each holding n), their sum all-reduced differentiably."""
+    return all_reduce_sum(total) / (n * world_size()) if global_batch else total / n
+
+
+def outside_autocast(x):
+    """Leaves a surrounding autocast for the block it guards (fdsl autocasts on CPU and CUDA only)."""
+    on = x.device.type in ("cpu", "cuda")
+    return torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 # --- copy to here ----------------------------------------------------------------------------
@@ -817,11 +793,9 @@ class Machine:
     def memory_format(self):  # channels_last: cuDNN's fastest convolutions, and 1.2-1.4x on a CPU (README)
         return torch.contiguous_format if self.device.type == "mps" else torch.channels_last
 
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        # No weight-cast cache: a CUDA graph must not keep casts made at capture (Appendix C).
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+    def autocast(self):  # no weight-cast cache: a CUDA graph must not keep casts made at capture (Appendix C)
+        on, device = self.amp_dtype is not None, self.device.type
+        return torch.autocast(device, self.amp_dtype, cache_enabled=False) if on else contextlib.nullcontext()
 
 
 def process_ranks():
@@ -871,12 +845,10 @@ def as_float64(z):
 
 
 def eps_advice(layer):
-    """What to do when the whitened output is not white: a smaller --eps, unless eps is already at
-    its floor for the layer's dtype (float32: 3.8e-6 for groups of 32), where only float64 helps."""
-    size = layer.num_features // layer.groups
-    if layer.eps > whitening_eps(0.0, size, layer.dtype):
+    """A smaller --eps, unless eps is at its floor for the layer's dtype (float32: 3.8e-6 for groups of 32)."""
+    if layer.eps > whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype):
         return "try a smaller --eps"
-    return f"eps is at its {str(layer.dtype).split('.')[-1]} floor; use --whiten-dtype float64 (not on Apple MPS)"
+    return f"eps is at its floor in {layer.dtype}: use --whiten-dtype float64 (not on Apple MPS)"
 
 
 def print0(machine, *args):
@@ -941,7 +913,7 @@ def images_on_device(data, cfg, machine):
 
 def gather_shards(t, n_total):
     """Inverse of `x[rank::world]`: every process gets every process's rows, in their order."""
-    if not distributed():
+    if world_size() == 1:
         return t
     world = dist.get_world_size()
     padded = t.new_zeros(-(-n_total // world), *t.shape[1:])  # every shard as long as the longest
@@ -956,23 +928,22 @@ def gather_shards(t, n_total):
 
 def shared_value(value):
     """Process 0's value on every process (the run folder's name, say)."""
-    if not distributed():
-        return value
     box = [value]
-    dist.broadcast_object_list(box, 0)
+    if world_size() > 1:
+        dist.broadcast_object_list(box, 0)
     return box[0]
 
 
 def share_buffers(net):
     """Every process takes process 0's BatchNorm statistics (the checkpoint's) before an evaluation."""
-    if distributed():
+    if world_size() > 1:
         for b in net.buffers():
             dist.broadcast(b, 0)
 
 
 def wrap_for_processes(net, cfg, machine):
     """(net, model): under torchrun SyncBatchNorm on CUDA (unless --no-sync-bn) and the DDP wrapper."""
-    if not distributed():
+    if world_size() == 1:
         return net, net
     if cfg.sync_bn and machine.device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -1209,7 +1180,7 @@ def add_other_flags(data, arg):
     arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto: CUDA, MPS, or CPU")
     arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
         help="autocast precision; default auto: bf16 on GPUs of compute capability 8.0 and later, fp16 "
-             "(loss-scaled) on older ones, fp32 on a CPU or MPS")
+             "(loss-scaled) on 7.x, fp32 below 7.0 and on a CPU or MPS")
     arg("--no-graph", dest="graph", action="store_false",
         help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
@@ -1243,9 +1214,7 @@ def check_config(cfg, world=1):
         if cfg.groups < 1 or cfg.proj_dim % cfg.groups:
             raise UsageError(f"{how} does not divide --proj-dim {cfg.proj_dim}")
         size = cfg.proj_dim // cfg.groups
-        if size >= cfg.batch_size:
-            ## After centring, N samples span at most N-1 directions: a group of N or more axes
-            ## has a singular covariance, and whitening it would divide by ~0.
+        if size >= cfg.batch_size:  # a singular covariance (GroupWhitening.check says why)
             raise UsageError(f"{how}: group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than "
                              f"the batch {cfg.batch_size}; use more --groups or a larger --batch-size")
 
@@ -1459,10 +1428,10 @@ def finish_run(run, final):
     if cfg.linear_epochs > 0:
         t0 = time.perf_counter()
         try:
-            results["linear_acc"] = linear_accuracy(
-                tr.net.encoder, tr.net.feat_dim, (run.images.train_all, run.data.train_y),
-                (run.images.test, run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
-                cfg.progress)
+            train_set, test_set = (run.images.train_all, run.data.train_y), (run.images.test, run.data.test_y)
+            results["linear_acc"] = linear_accuracy(tr.net.encoder, tr.net.feat_dim, train_set, test_set,
+                                                    len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
+                                                    cfg.progress)
         except Diverged as e:
             raise Diverged(f"{e} in the linear probe; the trained network is {run.path('checkpoint.pt')}") from None
         results["linear_time_s"] = time.perf_counter() - t0
@@ -1917,9 +1886,20 @@ def seed_stats(entry, value):
     return epochs, v.mean(0), v.amin(0), v.amax(0)
 
 
+RANDOM_NETWORK_FLAGS = ("seed", "arch", "dataset", "train_subset", "test_subset", "image_size", "raw_eval", "knn_k",
+                        "knn_t", "precision")  # epoch 0: the same random encoder, evaluated alike
+
+
 def metric_points(runs):
-    """(backbone correlation strength, k-NN accuracy) at every evaluation of the runs."""
-    return [(row["collapse"]["backbone"]["corr_strength"], row["knn_acc"]) for r in runs for row in r["rows"]]
+    """(backbone correlation strength, k-NN accuracy) at every evaluation of the runs, each network once:
+    runs whose RANDOM_NETWORK_FLAGS agree evaluated the same random network at epoch 0, one point."""
+    points = {}
+    for r in runs:
+        for row in r["rows"]:
+            key = ("epoch 0", *(r["cfg"].get(k) for k in RANDOM_NETWORK_FLAGS)) if row["epoch"] == 0 else \
+                (r["name"], row["epoch"])
+            points.setdefault(key, (row["collapse"]["backbone"]["corr_strength"], row["knn_acc"]))
+    return list(points.values())
 
 
 def draw_runs(plt, entries):
@@ -2017,14 +1997,15 @@ def runs_table(entries):
                      f"{final('projector', 'std', '.3g')} | {final('projector', 'corr_strength', '.2f')} | "
                      f"{final('projector', 'eff_rank', '.1f')} | {final('backbone', 'corr_strength', '.2f')} | "
                      f"{epochs} | {cfg.get('batch_size')} | {made} |")
-    runs = [r for e in entries for r in e]
+    runs, points = [r for e in entries for r in e], metric_points([r for e in entries for r in e])
     lines.append(f"\nSpearman's rank correlation of the backbone's correlation strength with k-NN accuracy over "
-                 f"every evaluation of every run ({len(metric_points(runs))} points): "
-                 f"{spearman(*zip(*metric_points(runs))):+.2f}.")
-    if all("linear_acc" in r["results"] for r in runs):
-        finals = [(r["final"]["backbone"]["corr_strength"], r["results"]["linear_acc"]) for r in runs]
-        lines.append(f"With linear accuracy, over the runs' final correlation ({len(runs)} runs): "
-                     f"{spearman(*zip(*finals)):+.2f}.")
+                 f"every evaluation of every run, each network once ({len(points)} points): "
+                 f"{spearman(*zip(*points)):+.2f}.")
+    final = lambda acc: spearman([r["final"]["backbone"]["corr_strength"] for r in runs], [acc(r) for r in runs])
+    lines.append(f"Over the runs' final correlation ({len(runs)} runs): with final k-NN accuracy "
+                 f"{final(lambda r: r['rows'][-1]['knn_acc']):+.2f}" + (f", with linear accuracy "
+                 f"{final(lambda r: r['results']['linear_acc']):+.2f}" if all("linear_acc" in r["results"]
+                                                                              for r in runs) else "") + ".")
     return "\n".join(lines) + "\n"
 
 

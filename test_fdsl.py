@@ -105,7 +105,7 @@ def test_the_layer_is_the_authors_algorithm(groups, shuffle):
     # Correlated axes with a covariance of condition number about 2e3: eigh itself is then exact to
     # about 1e-12 (at the 1e7 of correlated(256, 128), 1e-9, for the authors' layer as for this one).
     g = torch.Generator().manual_seed(0)
-    mix = torch.eye(128, dtype=torch.float64) + 0.9 * torch.randn(128, 128, generator=g, dtype=torch.float64) / 128 ** 0.5
+    mix = torch.eye(128, dtype=torch.float64) + 0.08 * torch.randn(128, 128, generator=g, dtype=torch.float64)
     x = torch.randn(256, 128, generator=g, dtype=torch.float64) @ mix + 3.0
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     target = torch.randn(256, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -147,8 +147,8 @@ def test_bn_is_batch_standardization_without_affine():
     x = correlated(128, 32).float()
     ref = torch.nn.BatchNorm1d(32, affine=False, eps=1e-30).train()(x)  # the authors' BatchNorm: eps 0
     torch.testing.assert_close(ref, F.batch_norm(x, None, None, training=True, eps=1e-30))
-    layer = fdsl.normalization_layer("bn", 32)
-    assert isinstance(layer, fdsl.Standardize) and not list(layer.buffers())  # no running averages
+    layer = fdsl.Standardize(32)
+    assert not list(layer.buffers())  # no running averages
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.eval()(x), ref, atol=1e-5, rtol=1e-5)  # eval mode: the batch's too
     assert layer(x).dtype == torch.float32  # computed in float64, returned in the input's dtype
@@ -162,7 +162,7 @@ def test_bn_is_batch_standardization_without_affine():
                                                 ("bn", None, "eigh")])
 def test_shrinking_the_input_cannot_change_the_output_or_the_loss(kind, groups, method):
     x1, x2 = correlated(64, 32, seed=1), correlated(64, 32, seed=2)
-    layer = fdsl.normalization_layer(kind, 32, groups=groups, method=method)
+    layer = fdsl.Standardize(32) if kind == "bn" else fdsl.GroupWhitening(32, groups=groups, method=method)
 
     def out(c):
         torch.manual_seed(0)  # the same permutations for every scale
@@ -193,7 +193,7 @@ def test_constant_axes_give_zeros_and_finite_gradients(method):
     torch.testing.assert_close(cov, torch.eye(3, dtype=cov.dtype), atol=1e-3, rtol=0)
     (y * torch.randn(64, 16, dtype=y.dtype)).sum().backward()
     assert torch.isfinite(x.grad).all()
-    bn = fdsl.normalization_layer("bn", 16)(x.detach())
+    bn = fdsl.Standardize(16)(x.detach())
     assert torch.isfinite(bn).all() and bn[:, 3].abs().max() == 0
 
 
@@ -434,8 +434,6 @@ def test_whitening_rejects_bad_configurations():
         fdsl.GroupWhitening(64, groups=4, eps=-1e-3)
     with pytest.raises(ValueError, match="one view per call"):
         fdsl.GroupWhitening(64, groups=4)(torch.randn(2, 32, 64))
-    with pytest.raises(ValueError, match="unknown normalization 'pca'"):  # not quietly another layer
-        fdsl.normalization_layer("pca", 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1226,7 +1224,8 @@ def test_plot_draws_every_run_and_tables_them_in_the_papers_order(findings, find
     assert [row.split("|")[2].strip() for row in rows] == ["none", "bn", "zca"]  # the paper's order
     knn = findings["zca"][0]["knn_acc"]
     assert rows[2].startswith(f"| zca, 4 shuffled groups | zca | {knn:.2f} |")
-    assert "Spearman's rank correlation" in table[-1] and "(6 points)" in table[-1]  # 3 runs x epochs 0, 4
+    assert "Spearman's rank correlation" in table[-2] and "(4 points)" in table[-2]  # one epoch-0 network, 3 x epoch 4
+    assert table[-1].startswith("Over the runs' final correlation (3 runs): with final k-NN accuracy")
     assert not (tmp_path / "fig-2d.png").exists()  # Figure 2 is drawn for 2-d outputs only
 
 
@@ -1273,8 +1272,22 @@ def test_plot_merges_the_seeds_of_a_setting_and_nothing_else(tmp_path):
     merged, other = sorted(rows, key=lambda row: "(n=2)" not in row)
     assert "| zca-s0, zca-s1 (n=2) | 42.00 ± 2.83 | 43.00 ± 2.83 |" in merged  # mean ± sample standard deviation
     assert "| zca-lr | 35.00 | 36.00 |" in other
-    # Correlation ranks the accuracies perfectly here, ties included (the three epoch-0 points)
-    assert "every evaluation of every run (6 points): -1.00." in table and "(3 runs): -1.00." in table
+    # Correlation ranks the accuracies perfectly here, ties included; zca-s0 and zca-lr share seed 0, so
+    # their epoch-0 network is one point: 5 points, not 6.
+    assert "every evaluation of every run, each network once (5 points): -1.00." in table
+    assert "Over the runs' final correlation (3 runs): with final k-NN accuracy -1.00, with linear accuracy -1.00." \
+        in table
+
+
+def test_a_random_network_that_runs_share_counts_once_in_the_metric(tmp_path):
+    # Runs of one seed start from the same random encoder and evaluate it on the same images: its
+    # epoch-0 point is one network, whatever layer follows; another seed is another network.
+    dirs = [fake_run(tmp_path, f"{d}-s0", [30, k], [0.5, c], decorr=d)
+            for d, k, c in (("none", 20, 0.6), ("bn", 28, 0.8), ("zca", 43, 0.2))]
+    dirs.append(fake_run(tmp_path, "zca-s1", [31, 44], [0.45, 0.19], decorr="zca", seed=1))
+    points = fdsl.metric_points([fdsl.read_run(d) for d in dirs])
+    assert len(points) == 2 + 4 and points.count((0.5, 30)) == 1 and (0.45, 31) in points
+    assert fdsl.metric_points([fdsl.read_run(d) for d in dirs[:1]]) == [(0.5, 30), (0.6, 20)]
 
 
 def test_spearman_is_the_correlation_of_ranks_with_ties_averaged():
@@ -1356,7 +1369,7 @@ def test_help_says_every_default_in_words_that_cannot_be_misread():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert "default" in parser._get_formatter()._get_help_string(action), action.option_strings
-    assert "a new random grouping of the axes at every call of the layer (Shuffled-DBN); off: fixed groups " \
+    assert "a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups " \
            "(default: on; this flag turns it off)" in text  # --no-shuffle
 
 
@@ -1440,3 +1453,33 @@ def test_resuming_a_finished_run_says_so_in_one_line(findings, findings_dir, cap
     out = capsys.readouterr().out
     assert results["knn_acc"] == findings["zca"][0]["knn_acc"]
     assert "cannot be extended" in out and "epoch       loss" not in out
+
+
+def part_one():
+    """fdsl.py up to its first appendix: the method, as a reader meets it."""
+    text = open(os.path.join(HERE, "fdsl.py")).read()
+    return text[: re.search(r"^# Appendix A", text, re.M).start()]
+
+
+# Sentences and names that readers of part one found untrue or misleading, each now said otherwise.
+UNTRUE_IN_PART_ONE = [r"makes the batch\s+covariance\s+the identity", r"nothing here waits for the host",
+                      r"the same computation", r"2 or 3 axes", r"each on its own images",
+                      r"reshuffled (into new groups )?every step", r"512 -> 1024", r"batches are slices",
+                      r"one uint8 tensor", r"BatchNorm1d\(affine=False\) in train mode", r"only under --precision fp16",
+                      r"\"graph\" on one CUDA GPU, else", r"full_precision", r"batchnorm_per_view", r"step_kind=",
+                      r"normalization_layer", r"V x N x D", r"\bin `?dtype`? \(MPS", r"device\.type == \"mps\""]
+
+
+def test_part_one_says_what_its_code_does():
+    text = part_one()
+    found = [p for p in UNTRUE_IN_PART_ONE if re.search(p, text, re.I)]
+    assert found == []
+    for said in ("Each group is white; axes of different groups may stay correlated",  # not the whole batch
+                 "e = max(eps, S x machine epsilon of dtype)", "l clamped at e",  # the floor, where the formula is
+                 "Unlike nn.BatchNorm1d(affine=False)", "of at most 3 axes", "one network call per\n    view",
+                 "(F -> proj_hidden -> D, F = 512 for ResNet-18,\n    256 for --arch small)"):
+        assert said in text, said
+    import inspect
+    forward = inspect.getsource(fdsl.GroupWhitening.forward).splitlines()
+    assert len(forward) <= 20 and "dim() not in" not in "".join(forward)  # one view; the algorithm only
+    assert not hasattr(fdsl, "batchnorm_per_view") and not hasattr(fdsl, "normalization_layer")
