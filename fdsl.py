@@ -443,8 +443,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, t=0.
     bank = F.normalize(train_feats.float(), dim=1)
     bank_y = train_labels.to(bank.device)
     classes = int(max(bank_y.max().item(), test_labels.max().item())) + 1
-    k = min(k, len(bank))
-    correct = 0
+    k, correct = min(k, len(bank)), 0
     for q, y in zip(test_feats.split(chunk), test_labels.split(chunk)):
         sim, idx = (F.normalize(q.float().to(bank.device), dim=1) @ bank.T).topk(k, dim=1)
         scores = torch.zeros(len(q), classes, device=bank.device).scatter_add_(1, bank_y[idx], (sim / t).exp())
@@ -461,10 +460,9 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
     order_gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(feat_dim, num_classes).to(machine.device)
     opt = torch.optim.SGD(clf.parameters(), lr=30.0, momentum=0.9, weight_decay=0.0)
-    n = len(train_set[1])
+    n, labels = len(train_set[1]), train_set[1].to(machine.device)
     steps = max(1, math.ceil(n / 256)) * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    labels = train_set[1].to(machine.device)
     encoder.eval()
     for _ in tqdm(range(epochs), desc="linear probe", disable=not (progress and machine.is_main), leave=False):
         with torch.no_grad(), machine.autocast():
@@ -540,7 +538,7 @@ def build_trainer(cfg, machine, steps_per_epoch, whiten):
     """Model (whitening by `whiten`: eigh or newton), SGD (lr x batch/256, warm-up then cosine,
     per step), the loss scaler and the augmentation stream."""
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg, whiten, whitening_dtype(cfg, machine), machine.world)
+    net = build_model(cfg, whiten, machine.whitening_dtype(cfg.whiten_dtype), machine.world)
     net, model = wrap_for_processes(net.to(machine.device, memory_format=machine.memory_format), cfg, machine)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr * cfg.batch_size / 256, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
@@ -772,8 +770,7 @@ def outside_autocast(x):
 
 # =============================================================================================
 # Appendix B. Devices and several GPUs                    (skippable: one process needs none of it)
-# Where a run happens (CUDA, Apple MPS or the CPU; bf16, fp16 or fp32); under torchrun a process per GPU
-# holds every world-th image and the evaluations gather all. In one process these return their input.
+# Where a run happens (CUDA, MPS or CPU; bf16, fp16 or fp32); under torchrun, the shards and their gathering.
 # =============================================================================================
 
 
@@ -785,13 +782,12 @@ class Machine:
     rank: int = 0
     world: int = 1
 
-    @property
-    def is_main(self):  # process 0 prints, logs and saves
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)  # process 0 prints, logs and saves
+    # channels_last: cuDNN's fastest convolutions, and 1.2x on a CPU (docs/notes.md); MPS: unmeasured, not used
+    memory_format = property(lambda self: torch.contiguous_format if self.device.type == "mps" else torch.channels_last)
 
-    @property
-    def memory_format(self):  # channels_last: cuDNN's fastest convolutions, and 1.2-1.4x on a CPU (README)
-        return torch.contiguous_format if self.device.type == "mps" else torch.channels_last
+    def whitening_dtype(self, name):  # --whiten-dtype, but float32 on Apple MPS: it has no float64
+        return torch.float32 if self.device.type == "mps" else getattr(torch, name)
 
     def autocast(self):  # no weight-cast cache: a CUDA graph must not keep casts made at capture (Appendix C)
         on, device = self.amp_dtype is not None, self.device.type
@@ -834,11 +830,6 @@ def autocast_precision(device):
     return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
 
 
-def whitening_dtype(cfg, machine):
-    """The dtype of the paper's layer: --whiten-dtype, but float32 on Apple MPS (it has no float64)."""
-    return torch.float32 if machine.device.type == "mps" else getattr(torch, cfg.whiten_dtype)
-
-
 def as_float64(z):
     """z in float64, on the CPU where the device has none (Apple MPS)."""
     return (z.cpu() if z.device.type == "mps" else z).double()
@@ -846,9 +837,9 @@ def as_float64(z):
 
 def eps_advice(layer):
     """A smaller --eps, unless eps is at its floor for the layer's dtype (float32: 3.8e-6 for groups of 32)."""
-    if layer.eps > whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype):
-        return "try a smaller --eps"
-    return f"eps is at its floor in {layer.dtype}: use --whiten-dtype float64 (not on Apple MPS)"
+    floor = whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype)
+    return "try a smaller --eps" if layer.eps > floor else \
+        f"eps is at its floor for {layer.dtype}: use --whiten-dtype float64"
 
 
 def print0(machine, *args):
@@ -955,9 +946,8 @@ def wrap_for_processes(net, cfg, machine):
 
 # =============================================================================================
 # Appendix C. The fast path: the training step as one CUDA graph      (skippable: same step)
-# Eagerly, a GPU step is hundreds of small kernels launched from Python. A CUDA graph records it once
-# and replays it with one launch, if the step waits for nothing on the host (Newton-Schulz, no .item()),
-# uses the same tensors every time and draws only from generators the graph knows (re-seeded per epoch).
+# A GPU step is hundreds of small kernels launched from Python; a CUDA graph replays them with one launch,
+# if the step never waits for the host, reuses its tensors and draws only from generators the graph knows.
 # =============================================================================================
 
 WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD creates its state
@@ -1051,11 +1041,10 @@ def warm_up(fn, device, steps=WARMUP_STEPS):
 def capture_graph(fn, generators=()):
     """fn() recorded as a CUDA graph. -> (fn's output, replay). 2.14 deprecates register_generator_state."""
     graph = torch.cuda.CUDAGraph()
-    for gen in generators:
-        if hasattr(graph, "register_generator_state"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph.register_generator_state(gen)
+    for gen in generators if hasattr(graph, "register_generator_state") else ():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         out = fn()
     return out, graph.replay
@@ -1219,16 +1208,14 @@ def check_config(cfg, world=1):
                              f"the batch {cfg.batch_size}; use more --groups or a larger --batch-size")
 
 
-RESUME_KEEPS = ("--resume", "--no-progress", "--device", "--no-graph")  # how to run, not what
-
-
 def resolve_config(argv):
     """The flags over the recipe; with --resume DIR, the run's saved settings instead."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
     cfg.command = "python fdsl.py " + shlex.join(argv)  # kept in config.json: the command that ran
     if cfg.resume:
-        others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in RESUME_KEEPS]
+        keeps = ("--resume", "--no-progress", "--device", "--no-graph")  # how to run, not what
+        others = [a for a in argv if a.startswith("--") and a.split("=")[0] not in keeps]
         if others:
             raise UsageError(f"--resume takes the run's saved settings; drop {' '.join(others)}")
         for name in ("checkpoint.pt", "config.json"):
@@ -1288,8 +1275,7 @@ class Run:
 
 def open_run(cfg, machine, data, images, tr):
     """The run folder (never over another run), notes on the settings, --resume's checkpoint loaded."""
-    name = os.path.join("runs", f"{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.out = shared_value(cfg.out or name)  # process 0's choice (Appendix B)
+    cfg.out = shared_value(cfg.out or f"runs/{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"{cfg.out} already holds a run; continue it with --resume {cfg.out} or pick another --out")
     if len(data.train_y) < cfg.batch_size:
@@ -1770,7 +1756,6 @@ def benchmark(cfg, machine):
     t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
     t["normalization layer (2 views, two calls)"] = time_it(
         lambda: sum(te.net.norm(y).square().mean() for y in ys).backward())
-    t["optimizer step"] = time_it(te.opt.step)  # gradients left by the bare model
     return report_benchmark(cfg, machine, t, first_step, te, tg)
 
 
@@ -1793,7 +1778,7 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
             label = row + (f" ({whiten})" if whiten else "")
             out.append(f"  {label:<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if row in t else missing))
     out.append(f"  {'full step / bare model':<48}" + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    parts = ("augmentation (2 views, one call)", "normalization layer (2 views, two calls)", "optimizer step")
+    parts = ("augmentation (2 views, one call)", "normalization layer (2 views, two calls)")
     out += [f"  {'eager ' + row:<48}{ms(t[row])}" for row in parts]
     if first_step is not None:
         out.append(f"  start to the first graphed step: {first_step:.1f} s (model, warm-up steps, capture)")
@@ -1808,22 +1793,16 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
     return figures
 
 
-PROJECTION_POINTS = 2000  # at most this many test images' outputs are kept for Figure 2
-
-
-def projection_points(net, run):
+def projection_points(net, run, most=2000):
     """Figure 2's points: the layer's output for the first 2,000 test images as the projector metrics are
     measured (train_mode_outputs: a collapse cannot look healthy). -> {"points": [[x, y], ...], "labels"}."""
     cfg, machine = run.cfg, run.machine
-    n = min(PROJECTION_POINTS, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
+    n = min(most, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
     if n == 0:
         return {"points": [], "labels": []}
     _, z = train_mode_outputs(net, run.images.test[: n // machine.world], cfg.batch_size // machine.world,
                               machine, n)
     return {"points": [[float(f"{v:.4g}") for v in p] for p in z.tolist()], "labels": run.data.test_y[:n].tolist()}
-
-
-SETTING_FLAGS = ("train_subset", "test_subset", "image_size", "precision")  # a setting: these, RECIPE's but seed
 
 
 def read_run(d):
@@ -1843,7 +1822,7 @@ def read_run(d):
             "final": results.get("collapse") or rows[-1]["collapse"], "shuffled": shuffled,
             "label": cfg["decorr"] + kind,
             "setting": tuple(cfg.get(k, v[0]) for k, v in RECIPE.items() if k != "seed") +
-                       tuple(cfg.get(k) for k in SETTING_FLAGS)}
+                       tuple(cfg.get(k) for k in ("train_subset", "test_subset", "image_size", "precision"))}
 
 
 def plot_runs(run_dirs, out=""):
@@ -1886,17 +1865,14 @@ def seed_stats(entry, value):
     return epochs, v.mean(0), v.amin(0), v.amax(0)
 
 
-RANDOM_NETWORK_FLAGS = ("seed", "arch", "dataset", "train_subset", "test_subset", "image_size", "raw_eval", "knn_k",
-                        "knn_t", "precision")  # epoch 0: the same random encoder, evaluated alike
-
-
 def metric_points(runs):
     """(backbone correlation strength, k-NN accuracy) at every evaluation of the runs, each network once:
-    runs whose RANDOM_NETWORK_FLAGS agree evaluated the same random network at epoch 0, one point."""
-    points = {}
+    runs that agree in `same` evaluated the same random network at epoch 0 (it depends on nothing else)."""
+    same, points = ("seed", "arch", "dataset", "train_subset", "test_subset", "image_size", "raw_eval", "knn_k",
+                    "knn_t", "precision"), {}
     for r in runs:
         for row in r["rows"]:
-            key = ("epoch 0", *(r["cfg"].get(k) for k in RANDOM_NETWORK_FLAGS)) if row["epoch"] == 0 else \
+            key = ("epoch 0", *(r["cfg"].get(k) for k in same)) if row["epoch"] == 0 else \
                 (r["name"], row["epoch"])
             points.setdefault(key, (row["collapse"]["backbone"]["corr_strength"], row["knn_acc"]))
     return list(points.values())
