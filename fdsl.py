@@ -163,11 +163,9 @@ def eval_transform(x, chunk=4096):
 ## Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so the
 ## output can collapse onto a few directions. Whitening makes the covariance of each group of axes
 ## the identity over the batch; reshuffling the groups at every call extends that to every pair of
-## axes over training. The two copy blocks (this one and Appendix A's) run on their own after the
-## imports above.
+## axes over training. The two copy blocks (GroupWhitening and Appendix A's) run on their own after
+## the imports above; so does Standardize beside them.
 # =============================================================================================
-
-# --- copy from here: the paper's layers (they need Appendix A's block too) -------------------
 
 
 class Standardize(nn.Module):
@@ -192,6 +190,9 @@ class Standardize(nn.Module):
             var = batch_mean(hc.square().sum(0), len(x), sync)
             y = hc * torch.where(var > 0, var, torch.ones_like(var)).rsqrt()
         return y.to(x.dtype)
+
+
+# --- copy from here: the paper's layer (it needs Appendix A's block too) ---------------------
 
 
 class GroupWhitening(nn.Module):

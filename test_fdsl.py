@@ -358,8 +358,8 @@ def test_whitening_gradients_are_finite():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def copied_whitening_layer():
-    """What a reader gets by pasting fdsl.py's import lines and its copy blocks into a new file."""
+def copied_whitening_layer(extra=""):
+    """What a reader gets by pasting fdsl.py's import lines, `extra` and its copy blocks into a new file."""
     lines = open(os.path.join(HERE, "fdsl.py")).read().splitlines(keepends=True)
     imports = [l for l in lines[: next(i for i, l in enumerate(lines) if l.startswith("# ====="))]
                if l.startswith(("import ", "from "))]
@@ -368,7 +368,7 @@ def copied_whitening_layer():
     assert len(starts) == len(ends) == 2
     blocks = "".join("".join(lines[s:e + 1]) for s, e in zip(starts, ends))
     namespace = {}
-    exec(compile("".join(imports) + blocks, "copied.py", "exec"), namespace)
+    exec(compile("".join(imports) + extra + blocks, "copied.py", "exec"), namespace)
     return namespace, blocks
 
 
@@ -400,7 +400,10 @@ def test_the_whitening_layer_copies_out_and_runs_alone(method):
     # A group not smaller than the batch is refused by the copied layer too, not whitened badly.
     with pytest.raises(ValueError, match="need more than 64 samples, got 32"):
         ns["GroupWhitening"](64, groups=1, method=method)(torch.randn(32, 64))
-    torch.testing.assert_close(ns["Standardize"](64)(x), fdsl.Standardize(64)(x), atol=0, rtol=0)  # bn too
+    import inspect  # Standardize, just above the block, runs with the blocks too
+    standardize = copied_whitening_layer(inspect.getsource(fdsl.Standardize))[0]["Standardize"](64)
+    torch.testing.assert_close(standardize(x), fdsl.Standardize(64)(x), atol=0, rtol=0)
+
 
 
 def test_a_group_not_smaller_than_the_batch_is_refused():
