@@ -26,7 +26,7 @@ Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations,
 layers (they copy out: the blocks between "# --- copy from here" and "# --- copy to here"), 5 model,
 6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The appendices are machinery, each
 skippable: A numerics of C^(-1/2), B devices and GPUs, C the fast path, D settings and run files,
-E data readers and augmentation kernels, F tools. `##` comments teach, `#` ones maintain.
+E data readers and augmentation kernels, F tools. `##` marks what teaches the method.
 """
 
 import argparse
@@ -75,7 +75,7 @@ RECIPE = {  # setting: (default, what it means)
     "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: G = ceil(2D / batch), the authors' rule"),
     "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups"),
     "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
-    "whiten": ("auto", "[fdsl] W = C^(-1/2) by eigh | newton | auto (newton in the CUDA graph, else eigh)"),
+    "whiten": ("auto", "[fdsl] how W is computed: eigh | newton | auto (newton for the CUDA graph, else eigh)"),
     "whiten_dtype": ("float64", "[fdsl] the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
     "predictor": (False, "[SimSiam] a predictor MLP D -> pred_hidden -> D on the output"),
     "pred_hidden": (256, "[SimSiam] predictor hidden width"),
@@ -90,10 +90,10 @@ RECIPE = {  # setting: (default, what it means)
     "eval_every": (5, "[fdsl] k-NN and collapse metrics every N epochs (0: first and last only)"),
     "knn_k": (200, "neighbours that vote in the k-NN monitor"),
     "knn_t": (0.1, "k-NN temperature: a neighbour's vote is exp(similarity / t)"),
-    "metric_samples": (2048, "[fdsl] fixed training images for the projector's collapse metrics"),
+    "metric_samples": (2048, "[fdsl] fixed training images for the projector's collapse metrics (whole batches)"),
     "raw_eval": (False, "evaluate on the raw images, not the authors' Resize(int(size x 8/7)) + CenterCrop"),
     "linear_epochs": (100, "linear-probe epochs at the end (0: no probe)"),
-    "seed": (0, "seed of every random stream"),
+    "seed": (0, "seed of every random stream (the synthetic images are fixed)"),
 }
 
 # =============================================================================================
@@ -170,11 +170,11 @@ def eval_transform(x, chunk=4096):
 
 class Standardize(nn.Module):
     """Per-axis standardization over the batch, no affine: the paper's "BN" (finding 2). x: N x D ->
-    (x - mean) / std per axis, with the batch's mean and biased std: what the authors' BatchNorm (eps
-    0, no affine) computes in training. Unlike nn.BatchNorm1d(affine=False): no eps (its 1e-5 on the
-    variance lets a shrinking input give a shrinking output); the batch's statistics in eval mode too
-    (no running averages: the authors' keeps them for eval mode, which no evaluation reads); a constant
-    axis gives 0, not NaN; in `dtype`, outside autocast. global_batch: as GroupWhitening's."""
+    (x - mean) / std per axis, the batch's mean and biased std, in `dtype` outside autocast: what the
+    authors' BatchNorm (eps 0, no affine) computes in training (an axis of zero variance: 0 here, NaN
+    there). Unlike nn.BatchNorm1d(affine=False): no eps (its 1e-5 on the variance lets a shrinking
+    input give a shrinking output), and the batch's statistics in eval mode too (no running averages;
+    the authors' keep them for eval mode, which no evaluation reads). global_batch: GroupWhitening's."""
 
     def __init__(self, num_features, dtype=torch.float64, global_batch=False):
         super().__init__()
@@ -211,9 +211,9 @@ class GroupWhitening(nn.Module):
     groups=1: full ZCA (DBN); shuffle=False: grouped DBN. eps: relative to m (whitening_matrix says
     why); eps=0: the authors' layer (no eps) up to the floor e, 7e-15 for S = 32 in float64. The
     batch's statistics in train and eval mode (no running averages, as the authors'), in `dtype`,
-    outside autocast; y in x's dtype. method: eigh or newton (the same W, Appendix A). global_batch:
-    in train mode, over every process's samples (torchrun; each holds N). last_perm: the last
-    permutation (None unshuffled), from x's device's default generator (torch.manual_seed)."""
+    outside autocast; y in x's dtype. method: eigh or newton (in float64 the same W to 1e-8,
+    Appendix A). global_batch: in train mode, over every process's samples (torchrun; each holds
+    N). last_perm: the last permutation (None unshuffled), from x's device's default generator."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
@@ -263,7 +263,7 @@ def whitening_matrix(cov, eps, method="eigh"):
     ## comes out with std sqrt(v / (v + eps m)) < 1, so a large eps lets the network collapse below
     ## it (at 1e-5 it did: docs/notes.md). The floor e: rounding moves the eigenvalues of C / m (at
     ## most S) by about S x machine epsilon, so no smaller eps can be honoured. A group's condition
-    ## number is at most (S + e) / e. A group of constant axes (C = 0): W = I, its output 0."""
+    ## number is at most (S + e) / e. A group whose C is exactly 0 (constant axes): W = I, output 0."""
     size = cov.shape[-1]
     eps = whitening_eps(eps, size, cov.dtype)  # e
     eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
@@ -384,7 +384,7 @@ def collapse_metrics(z):
       eff_rank      exp(entropy of p), p = singular values of the centred z / their sum
                     (Roy & Vetterli; RankMe). 1 for rank-1 features, D for isotropic ones.
       spectrum      covariance eigenvalues, descending, divided by the largest (D floats).
-    -> a dict of Python floats."""
+    -> a dict of Python floats (spectrum: a list of them)."""
     z = as_float64(z.detach())  # Apple MPS has no float64: there on the CPU (Appendix B)
     n, d = z.shape
     std = z.std(0, correction=0)
@@ -498,7 +498,7 @@ def evaluate(net, run):
                                images.n_metric)
     if isinstance(net.norm, GroupWhitening) and metrics["normalized"]["std"] < 0.9:
         ## Whitened outputs fall below std 1 only along directions whose variance v (an eigenvalue
-        ## of C) is down near eps x m: the network has found that eps lets it drop directions.
+        ## of C) is down near e x m: the network has found that eps lets it drop directions.
         print0(machine, f"warning: the whitened output is not white (std {metrics['normalized']['std']:.2f}, "
                         f"should be 1): eps is damping directions the network collapsed; {eps_advice(net.norm)}")
     row = {"knn_acc": acc, "collapse": metrics}
@@ -550,10 +550,10 @@ def build_trainer(cfg, machine, steps_per_epoch, whiten):
 
 
 def train_step(tr, x):
-    """One SGD step on a uint8 batch x (N x 3 x H x W): two augmented views, one network call per
-    view, the Siamese loss, backward, update. -> the loss, a device tensor (reading it would wait
-    for the GPU). Eagerly, eigh (its error check) and fp16's loss scaler (its inf check) make the
-    host wait for the device; the CUDA-graph step has neither (newton, fused SGD: Appendix C)."""
+    """One SGD step on a uint8 batch x (N x 3 x H x W): two augmented views, the network applied to
+    each in its own call (SiameseNet.forward), the Siamese loss, backward, update. -> the loss, a
+    device tensor (reading it waits for the GPU). Eagerly, eigh (its error check) and fp16's loss
+    scaler (its inf check) wait for the device; the CUDA-graph step has neither (Appendix C)."""
     ## One augmentation call on the batch twice over: every image draws its own crop, flip and
     ## colours, so the halves are two independent views, for half the kernels of two calls.
     x1, x2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
@@ -595,7 +595,7 @@ def train_one_epoch(tr, step, train_x, epoch):
 
 def train(run, step):
     """The loop: evaluate the random network (epoch 0), then per epoch train, evaluate when due,
-    log and checkpoint (an interruption loses one epoch at most). -> the last evaluation."""
+    log and checkpoint (an interruption loses one epoch at most). -> the last evaluation (or None)."""
     cfg, tr, final = run.cfg, run.tr, None
     if not run.cfg.resume:  # a new run
         log_epoch(run, {"epoch": 0, "loss": None, "lr": None, "images_per_s": None, **evaluate(tr.net, run)})
@@ -620,10 +620,10 @@ def train(run, step):
 
 
 def main(argv=None):
-    """Command line entry point. -> the results dict, also written to OUT/results.json."""
+    """Command line entry point. -> a run's results (OUT/results.json), or what --plot, --benchmark made."""
     with command_line(argv) as cfg:  # the recipe with the flags applied; errors as one line (Appendix D)
         if cfg.plot:
-            return plot_runs(cfg.plot, cfg.out)  # a figure and a table of finished runs (Appendix F)
+            return plot_runs(cfg.plot, cfg.out)  # a figure and a table of runs, finished or not (Appendix F)
         machine = setup_machine(cfg)  # device, precision, processes (Appendix B)
         if cfg.benchmark:
             return benchmark(cfg, machine)  # time the training step instead of training (Appendix F)
@@ -633,7 +633,7 @@ def main(argv=None):
         images = images_on_device(data, cfg, machine)  # this process's share, on its device (Appendix B)
         kind = choose_step(cfg, machine)  # "graph" or "eager", and why (Appendix C)
         tr = build_trainer(cfg, machine, len(images.train) // (cfg.batch_size // machine.world),
-                           whitening_method(cfg, kind))  # --whiten auto: newton in a graph, else eigh
+                           whitening_method(cfg, kind))  # --whiten auto: newton for a graph, else eigh
         run = open_run(cfg, machine, data, images, tr)  # run folder; --resume: the checkpoint (Appendix D)
         ## The step that trains: train_step itself, or train_step recorded once as a CUDA graph and
         ## replayed (the same step, SGD by its fused kernel; faster where kernels are small: Appendix C).
@@ -972,7 +972,7 @@ def choose_step(cfg, machine):
 
 
 def whitening_method(cfg, step_kind):
-    """--whiten auto: newton in the CUDA-graph step (eigh waits for the host), eigh in the eager step."""
+    """--whiten auto: newton for the CUDA-graph step (eigh waits for the host; kept if capture fails), else eigh."""
     return cfg.whiten if cfg.whiten != "auto" else "newton" if step_kind == "graph" else "eigh"
 
 

@@ -1479,7 +1479,7 @@ def test_part_one_says_what_its_code_does():
     assert found == []
     for said in ("Each group is white; axes of different groups may stay correlated",  # not the whole batch
                  "e = max(eps, S x machine epsilon of dtype)", "l clamped at e",  # the floor, where the formula is
-                 "Unlike nn.BatchNorm1d(affine=False)", "of at most 3 axes", "one network call per\n    view",
+                 "Unlike nn.BatchNorm1d(affine=False)", "of at most 3 axes", "each in its own call (SiameseNet.forward)",
                  "(F -> proj_hidden -> D, F = 512 for ResNet-18,\n    256 for --arch small)"):
         assert said in text, said
     import inspect
