@@ -75,12 +75,12 @@ RECIPE = {  # setting: (default, what it means)
     "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: G = ceil(2D / batch), the authors' rule"),
     "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups"),
     "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
-    "whiten": ("auto", "[fdsl] how W is computed: eigh | newton | auto (newton for the CUDA graph, else eigh)"),
+    "whiten": ("auto", "[fdsl] how W is computed: eigh | newton | auto (newton if a CUDA graph is planned)"),
     "whiten_dtype": ("float64", "[fdsl] the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
     "predictor": (False, "[SimSiam] a predictor MLP D -> pred_hidden -> D on the output"),
     "pred_hidden": (256, "[SimSiam] predictor hidden width"),
     "stop_grad": (False, "[SimSiam] no gradient through the target view"),
-    "loss": ("l2", "l2: mean ||z1 - z2||^2 (the paper); cosine: [SimSiam] minus the cosine similarity"),
+    "loss": ("l2", "l2: mean ||p - z||^2 of each view's p and the other's z (the paper: p = z); cosine: [SimSiam]"),
     "epochs": (200, "training epochs"),
     "batch_size": (64, "global batch (split over the GPUs under torchrun)"),
     "lr": (0.02, "learning rate per 256 images: lr x batch / 256 is used (0.005 at batch 64)"),
@@ -201,7 +201,7 @@ class GroupWhitening(nn.Module):
         xc = x - mean(x)                    centre every axis over the N samples (N x S)
         C  = xc^T xc / N                    biased covariance (S x S); m = tr(C) / S
         C / m + e I = U diag(l) U^T         e = max(eps, S x machine epsilon of dtype)
-        W  = U diag(l^-1/2) U^T / sqrt(m)   ZCA (the whitening that rotates least); l clamped at e
+        W  = U diag(l^-1/2) U^T / sqrt(m)   ZCA (the whitening that rotates least); l clamped at e (eigh)
         y  = xc W                           y's covariance over the batch: I, to within e / l
     and the shuffle undone. Each group is white; axes of different groups may stay correlated.
     ## The shuffle, a new permutation of the D axes at every call (each view, each step, each
@@ -211,7 +211,7 @@ class GroupWhitening(nn.Module):
     groups=1: full ZCA (DBN); shuffle=False: grouped DBN. eps: relative to m (whitening_matrix says
     why); eps=0: the authors' layer (no eps) up to the floor e, 7e-15 for S = 32 in float64. The
     batch's statistics in train and eval mode (no running averages, as the authors'), in `dtype`,
-    outside autocast; y in x's dtype. method: eigh or newton (in float64 the same W to 1e-8,
+    outside autocast; y in x's dtype. method: eigh or newton (in float64 the same y to 1e-7,
     Appendix A). global_batch: in train mode, over every process's samples (torchrun; each holds
     N). last_perm: the last permutation (None unshuffled), from x's device's default generator."""
 
@@ -260,7 +260,7 @@ def whitening_matrix(cov, eps, method="eigh"):
     ## the "whitened" output of a tiny input is a small copy of it, and the network lowers the loss
     ## by shrinking its output. Relative to m, W(c^2 C) = W(C) / c: the output of c x is that of x.
     ## eps is small (1e-8): a direction whose variance v (an eigenvalue of C) sinks to about eps x m
-    ## comes out with std sqrt(v / (v + eps m)) < 1, so a large eps lets the network collapse below
+    ## comes out with std sqrt(v / (v + e m)) < 1, so a large eps lets the network collapse below
     ## it (at 1e-5 it did: docs/notes.md). The floor e: rounding moves the eigenvalues of C / m (at
     ## most S) by about S x machine epsilon, so no smaller eps can be honoured. A group's condition
     ## number is at most (S + e) / e. A group whose C is exactly 0 (constant axes): W = I, output 0."""
@@ -337,7 +337,7 @@ class SiameseNet(nn.Module):
 
 def build_model(cfg, whiten="eigh", dtype=torch.float64, world=1):
     """The network cfg describes, with one of the paper's three layers after the projector. whiten:
-    eigh or newton; dtype: the layer's; world: processes (more than 1: statistics over all of them)."""
+    eigh or newton; dtype: the layer's; world: processes (more than 1: train-mode statistics over all)."""
     encoder, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
     layers = {"none": lambda: nn.Identity(),  # finding 1: complete collapse
               "bn": lambda: Standardize(cfg.proj_dim, dtype, world > 1),  # finding 2: dimensional collapse
@@ -553,7 +553,7 @@ def train_step(tr, x):
     """One SGD step on a uint8 batch x (N x 3 x H x W): two augmented views, the network applied to
     each in its own call (SiameseNet.forward), the Siamese loss, backward, update. -> the loss, a
     device tensor (reading it waits for the GPU). Eagerly, eigh (its error check) and fp16's loss
-    scaler (its inf check) wait for the device; the CUDA-graph step has neither (Appendix C)."""
+    scaler (its inf check) wait for the device; the CUDA-graph step does not (Appendix C)."""
     ## One augmentation call on the batch twice over: every image draws its own crop, flip and
     ## colours, so the halves are two independent views, for half the kernels of two calls.
     x1, x2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
@@ -633,7 +633,7 @@ def main(argv=None):
         images = images_on_device(data, cfg, machine)  # this process's share, on its device (Appendix B)
         kind = choose_step(cfg, machine)  # "graph" or "eager", and why (Appendix C)
         tr = build_trainer(cfg, machine, len(images.train) // (cfg.batch_size // machine.world),
-                           whitening_method(cfg, kind))  # --whiten auto: newton for a graph, else eigh
+                           whitening_method(cfg, kind))  # --whiten auto: newton if a graph is planned
         run = open_run(cfg, machine, data, images, tr)  # run folder; --resume: the checkpoint (Appendix D)
         ## The step that trains: train_step itself, or train_step recorded once as a CUDA graph and
         ## replayed (the same step, SGD by its fused kernel; faster where kernels are small: Appendix C).
@@ -839,8 +839,10 @@ def as_float64(z):
 def eps_advice(layer):
     """A smaller --eps, unless eps is at its floor for the layer's dtype (float32: 3.8e-6 for groups of 32)."""
     floor = whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype)
-    return "try a smaller --eps" if layer.eps > floor else \
-        f"eps is at its floor for {layer.dtype}: use --whiten-dtype float64"
+    if layer.eps > floor:
+        return "try a smaller --eps"
+    return "eps is at float64's floor" if layer.dtype == torch.float64 else "eps is at float32's floor: use " \
+        "--whiten-dtype float64 (Apple MPS has none)"
 
 
 def print0(machine, *args):
