@@ -5,7 +5,7 @@ Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
     python fdsl.py --decorr zca               # the paper's method (Shuffled-DBN): CIFAR-10, 200 epochs
     python fdsl.py --decorr bn                # per-axis standardization: dimensional collapse
     python fdsl.py --decorr none              # no normalization: complete collapse
-    python fdsl.py --decorr zca --no-shuffle  # grouped DBN: fixed groups
+    python fdsl.py --decorr zca --no-shuffle  # fixed groups (DBN): groups become copies of one another
     python fdsl.py --dataset folder --data-dir ~/cifar10-jpeg      # DIR/train and DIR/test image folders
     python fdsl.py --dataset synthetic --arch small --epochs 3 --linear-epochs 0   # 1-minute CPU check
     torchrun --nproc_per_node=4 fdsl.py --decorr zca    # several GPUs, whitening over the global batch
@@ -13,7 +13,7 @@ Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
     python fdsl.py --benchmark --out results/bench     # time the training step, keep the table
     python fdsl.py --plot runs/*              # figure and Markdown table of several runs
 
-The story: two augmented views of an image go through one network (encoder -> projector ->
+The story: two augmented views of an image go through one network (backbone -> projector ->
 normalization layer -> optional predictor) and the loss pulls the outputs together. (1) With no
 normalization the network maps every image to one point: complete collapse. (2) Standardizing
 each axis (BN) forbids that, but the axes move together and the output lives in a few
@@ -23,10 +23,10 @@ collapse of either kind, and better features. (4) How correlated the features ar
 without labels, tells good representations from bad ones.
 
 Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations, 4 the paper's
-layers (they copy out: the blocks between "# --- copy from here" and "# --- copy to here"), 5 model,
-6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The appendices are machinery, each
-skippable: A numerics of C^(-1/2), B devices and GPUs, C the fast path, D settings and run files,
-E data readers and augmentation kernels, F tools. `##` marks what teaches the method.
+layers, 5 model, 6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The appendices are
+machinery, skippable on a first reading: A numerics of C^(-1/2) (the layers' copy takes its block
+too: the lines between "# --- copy from here" and "# --- copy to here"), B devices and GPUs, C the
+fast path, D settings and run files, E data readers and augmentation kernels, F tools.
 """
 
 import argparse
@@ -60,20 +60,21 @@ if sys.version_info < (3, 10):  # `X | None` annotations, among others
 
 # =============================================================================================
 # 1. The recipe
-## The authors' main CIFAR-10 setting, from their released code and configs. Entries marked
-## [fdsl] are this file's own (the authors' code has none, or another); [SimSiam] marks options
-## the paper's framework does not have. Each entry is a flag (--batch-size 512); the flags that
-## say where the data is and how to run (devices, run folders) are in Appendix D.
+# The authors' main CIFAR-10 setting, from their released code and configs. Entries marked [fdsl]
+# are this file's own (the authors' code has none, or another); [SimSiam] marks options the paper's
+# framework does not have; [Figure 2] the authors' projector for their 2-d pictures. Each entry is a
+# flag (--batch-size 512); where the data is and how to run (devices, run folders): Appendix D.
 # =============================================================================================
 
 RECIPE = {  # setting: (default, what it means)
     "dataset": ("cifar10", "cifar10 | cifar100 | folder (DIR/train, DIR/test) | synthetic ([fdsl] offline)"),
     "arch": ("resnet18", "resnet18: CIFAR ResNet-18 (F = 512 features); small: [fdsl] 4 convs (F = 256), for CPUs"),
     "proj_hidden": (1024, "projector hidden width: Linear(F, 1024) -> BN -> ReLU -> Linear(1024, D)"),
+    "linear_projector": (False, "[Figure 2] a linear bottleneck: Linear(F, proj_hidden) -> Linear(proj_hidden, D)"),
     "proj_dim": (512, "projector output width D"),
     "decorr": ("zca", "the layer after the projector: none | bn (standardize each axis) | zca (whiten groups of axes)"),
-    "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: G = ceil(2D / batch), the authors' rule"),
-    "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups"),
+    "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: the authors' ceil(2D / N), if it divides D"),
+    "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups (DBN)"),
     "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
     "whiten": ("auto", "[fdsl] how W is computed: eigh | newton | auto (newton if a CUDA graph is planned)"),
     "whiten_dtype": ("float64", "[fdsl] the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
@@ -87,10 +88,10 @@ RECIPE = {  # setting: (default, what it means)
     "momentum": (0.9, "SGD momentum"),
     "weight_decay": (1e-3, "SGD weight decay on every parameter (the batch-size study: 2.5e-3)"),
     "warmup_epochs": (5.0, "linear warm-up from 0, then cosine to 0, per step"),
-    "eval_every": (5, "[fdsl] k-NN and collapse metrics every N epochs (0: first and last only)"),
+    "eval_every": (5, "the k-NN monitor (and [fdsl]'s collapse metrics) every N epochs (0: first and last only)"),
     "knn_k": (200, "neighbours that vote in the k-NN monitor"),
     "knn_t": (0.1, "k-NN temperature: a neighbour's vote is exp(similarity / t)"),
-    "metric_samples": (2048, "[fdsl] fixed training images for the projector's collapse metrics (whole batches)"),
+    "metric_samples": (2048, "[fdsl] fixed training images for the projector's and the layer's collapse metrics"),
     "raw_eval": (False, "evaluate on the raw images, not the authors' Resize(int(size x 8/7)) + CenterCrop"),
     "linear_epochs": (100, "linear-probe epochs at the end (0: no probe)"),
     "seed": (0, "seed of every random stream (the synthetic images are fixed)"),
@@ -98,10 +99,10 @@ RECIPE = {  # setting: (default, what it means)
 
 # =============================================================================================
 # 2. Data
-## The images sit on the device as uint8 tensors, moved there once (the training images, the
-## evaluation view of the training and test images, the metric images: images_on_device, Appendix
-## B). A batch is a random gather from the training images, so no DataLoader or CPU worker sits in
-## the training loop.
+# The images sit on the device as uint8 tensors, moved there once (the training images, the
+# evaluation view of the training and test images, the metric images: images_on_device, Appendix
+# B). A batch is a random gather from the training images, so no DataLoader or CPU worker sits in
+# the training loop.
 # =============================================================================================
 
 
@@ -129,8 +130,8 @@ def load_data(cfg):
 
 # =============================================================================================
 # 3. Augmentations
-## SimSiam's CIFAR recipe, drawn for every image on its own, on whatever device the batch is.
-## The kernels that do it for a whole batch at once are in Appendix E.
+# SimSiam's CIFAR recipe, drawn for every image on its own, on whatever device the batch is.
+# The kernels that do it for a whole batch at once are in Appendix E.
 # =============================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the authors standardize CIFAR with ImageNet statistics
@@ -151,7 +152,7 @@ def augment(x, generator=None):
 def eval_transform(x, chunk=4096):
     """The authors' evaluation view, made once: Resize(int(size x 8/7), bicubic) then
     CenterCrop(size): 36 then 32 pixels for CIFAR, 73 for 64 (antialiased, as PIL).
-    x: N x 3 x S x S uint8 -> same."""
+    x: N x 3 x H x H uint8 -> same."""
     size, big = x.shape[-1], int(x.shape[-1] * 8 / 7)
     bicubic = torchvision.transforms.InterpolationMode.BICUBIC
     crop = lambda t: TF.center_crop(TF.resize(t, [big, big], interpolation=bicubic, antialias=True), [size, size])
@@ -160,12 +161,14 @@ def eval_transform(x, chunk=4096):
 
 # =============================================================================================
 # 4. The paper's layers: standardizing and whitening the projector output over the batch
-## Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so the
-## output can collapse onto a few directions. Whitening makes the covariance of each group of axes
-## the identity over the batch; reshuffling the groups at every call extends that to every pair of
-## axes over training. The two copy blocks (GroupWhitening and Appendix A's) run on their own after
-## the imports above; so does Standardize beside them.
+# Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so the
+# output can collapse onto a few directions. Whitening makes the covariance of each group of axes
+# the identity over the batch; reshuffling the groups at every call extends that to every pair of
+# axes over training. Both layers copy out: this block and Appendix A's, below the five imports
+# README names, are all they need.
 # =============================================================================================
+
+# --- copy from here: the paper's layers (Appendix A's block too) -----------------------------
 
 
 class Standardize(nn.Module):
@@ -178,21 +181,20 @@ class Standardize(nn.Module):
 
     def __init__(self, num_features, dtype=torch.float64, global_batch=False):
         super().__init__()
-        self.num_features, self.dtype, self.global_batch = num_features, dtype, global_batch
+        self.num_features, self.dtype, self.global_batch = num_features, check_dtype(dtype), global_batch
+
+    def extra_repr(self):
+        return f"{self.num_features}, dtype={self.dtype}, global_batch={self.global_batch}"
 
     def forward(self, x):
         sync = self.global_batch and self.training
-        if x.dim() != 2 or x.shape[1] != self.num_features or len(x) * (world_size() if sync else 1) < 2:
-            raise ValueError(f"expected N x {self.num_features} features, N >= 2, got {tuple(x.shape)}")
+        check_features(x, self.num_features, sync)
         with outside_autocast(x):
             h = x.to(self.dtype)
             hc = h - batch_mean(h.sum(0), len(x), sync)
             var = batch_mean(hc.square().sum(0), len(x), sync)
-            y = hc * torch.where(var > 0, var, torch.ones_like(var)).rsqrt()
-        return y.to(x.dtype)
-
-
-# --- copy from here: the paper's layer (it needs Appendix A's block too) ---------------------
+            z = hc * torch.where(var > 0, var, torch.ones_like(var)).rsqrt()
+        return z.to(x.dtype)
 
 
 class GroupWhitening(nn.Module):
@@ -202,29 +204,41 @@ class GroupWhitening(nn.Module):
         C  = xc^T xc / N                    biased covariance (S x S); m = tr(C) / S
         C / m + e I = U diag(l) U^T         e = max(eps, S x machine epsilon of dtype)
         W  = U diag(l^-1/2) U^T / sqrt(m)   ZCA (the whitening that rotates least); l clamped at e (eigh)
-        y  = xc W                           y's covariance over the batch: I, to within e / l
+        z  = xc W                           z's covariance over the batch: I, to within e / l
     and the shuffle undone. Each group is white; axes of different groups may stay correlated.
-    ## The shuffle, a new permutation of the D axes at every call (each view, each step, each
-    ## evaluation), puts every pair of axes in one group now and then: over training, every pair is
-    ## decorrelated. N centred samples span N - 1 directions, so a group must be smaller than the
-    ## batch (the layer refuses S >= N): groups keep C well conditioned at small batches.
-    groups=1: full ZCA (DBN); shuffle=False: grouped DBN. eps: relative to m (whitening_matrix says
-    why); eps=0: the authors' layer (no eps) up to the floor e, 7e-15 for S = 32 in float64. The
-    batch's statistics in train and eval mode (no running averages, as the authors'), in `dtype`,
-    outside autocast; y in x's dtype. method: eigh or newton (in float64 the same y to 1e-7,
-    Appendix A). global_batch: in train mode, over every process's samples (torchrun; each holds
-    N). last_perm: the last permutation (None unshuffled), from x's device's default generator."""
+    The shuffle, a new permutation of the D axes at every call (each view of a step, each batch of an
+    evaluation), puts every pair of axes in one group now and then: over training, every pair is
+    decorrelated. N centred samples span N - 1 directions, so a group must be smaller than the
+    batch (the layer refuses S >= N): groups keep C well conditioned at small batches.
+    groups=1: full ZCA; shuffle=False: fixed groups (DBN, "decorrelated batch norm"; with one group,
+    the authors' "DBN"). eps: relative to m (whitening_matrix says why); eps=0: the authors' layer (no
+    eps) up to the floor e, 7e-15 for S = 32 in float64. The batch's statistics in train and eval mode
+    (no running averages, as the authors'), in `dtype` (float32 or float64), outside autocast; z in x's
+    dtype. method: eigh (a NaN in x: an error that says so) or newton (the same z to 1e-7 in float64,
+    Appendix A; it cannot look for a NaN without waiting for the device, so a NaN in x makes its
+    group's outputs NaN: watch the loss, as fdsl's training loop does). global_batch: in train mode,
+    over every process's samples (torchrun; each holds N). last_perm: the last permutation (None
+    unshuffled), from x's device's default generator."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
         super().__init__()
+        if not isinstance(groups, int) or isinstance(groups, bool):
+            raise TypeError(f"groups must be an int, not {groups!r}" + "; 'auto' is fdsl's command-line rule, "
+                            "groups = ceil(2 D / N) for a batch of N: math.ceil(2 * num_features / N)" *
+                            (groups == "auto"))
         if groups < 1 or num_features % groups:
             raise ValueError(f"groups={groups} must divide num_features={num_features}")
         if method not in ("eigh", "newton") or eps < 0:
             raise ValueError(f"method must be 'eigh' or 'newton' (not {method!r}) and eps >= 0 (not {eps})")
-        self.num_features, self.groups, self.eps, self.dtype, self.method = num_features, groups, eps, dtype, method
+        self.num_features, self.groups, self.eps, self.method = num_features, groups, eps, method
+        self.dtype = check_dtype(dtype)
         self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
         self.global_batch, self.last_perm = global_batch, None
+
+    def extra_repr(self):
+        return (f"{self.num_features}, groups={self.groups}, shuffle={self.shuffle}, eps={self.eps}, "
+                f"dtype={self.dtype}, method={self.method!r}, global_batch={self.global_batch}")
 
     def forward(self, x):
         n, d, sync = self.check(x)
@@ -236,50 +250,49 @@ class GroupWhitening(nn.Module):
             h = h.reshape(n, self.groups, d // self.groups).transpose(0, 1)  # G x N x S
             hc = h - batch_mean(h.sum(1, keepdim=True), n, sync)  # centre every axis
             cov = batch_mean(hc.mT @ hc, n, sync)  # G x S x S
-            y = (hc @ whitening_matrix(cov, self.eps, self.method)).transpose(0, 1).reshape(n, d)
+            z = (hc @ whitening_matrix(cov, self.eps, self.method)).transpose(0, 1).reshape(n, d)
             if perm is not None:
-                y = y.index_select(1, perm.argsort())  # every axis back to its own place
+                z = z.index_select(1, perm.argsort())  # every axis back to its own place
         self.last_perm = perm
-        return y.to(x.dtype)
+        return z.to(x.dtype)
 
     def check(self, x):
         """-> (N, D, whether the statistics span every process); refuses what cannot be whitened."""
-        if x.dim() != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"expected N x {self.num_features} features (one view per call), got {tuple(x.shape)}")
         sync = self.global_batch and self.training
-        size, samples = self.num_features // self.groups, len(x) * (world_size() if sync else 1)
-        if size >= samples:
-            raise ValueError(f"groups of {size} axes need more than {size} samples, got {samples}: N samples span "
-                             f"N - 1 directions, so the covariance would be singular; use more groups")
+        samples, group_size = check_features(x, self.num_features, sync), self.num_features // self.groups
+        if group_size >= samples:
+            raise ValueError(f"groups of {group_size} axes need more than {group_size} samples, got {samples}: "
+                             f"N samples span N - 1 directions, so the covariance would be singular; use more "
+                             f"groups (of fewer than {samples} axes) or a larger batch")
         return len(x), x.shape[1], sync
 
 
 def whitening_matrix(cov, eps, method="eigh"):
     """GroupWhitening's W (its formula) for covariances cov: ... x S x S.
-    ## eps is relative: with an absolute eps, (C + eps I)^(-1/2) of a tiny C is about eps^(-1/2) I,
-    ## the "whitened" output of a tiny input is a small copy of it, and the network lowers the loss
-    ## by shrinking its output. Relative to m, W(c^2 C) = W(C) / c: the output of c x is that of x.
-    ## eps is small (1e-8): a direction whose variance v (an eigenvalue of C) sinks to about eps x m
-    ## comes out with std sqrt(v / (v + e m)) < 1, so a large eps lets the network collapse below
-    ## it (at 1e-5 it did: docs/notes.md). The floor e: rounding moves the eigenvalues of C / m (at
-    ## most S) by about S x machine epsilon, so no smaller eps can be honoured. A group's condition
-    ## number is at most (S + e) / e. A group whose C is exactly 0 (constant axes): W = I, output 0."""
-    size = cov.shape[-1]
-    eps = whitening_eps(eps, size, cov.dtype)  # e
-    eye = torch.eye(size, dtype=cov.dtype, device=cov.device)
+    eps is relative: with an absolute eps, (C + eps I)^(-1/2) of a tiny C is about eps^(-1/2) I,
+    the "whitened" output of a tiny input is a small copy of it, and the network lowers the loss
+    by shrinking its output. Relative to m, W(c^2 C) = W(C) / c: the output of c x is that of x.
+    eps is small (1e-8): a direction whose variance v (an eigenvalue of C) sinks to about eps x m
+    comes out with std sqrt(v / (v + e m)) < 1, so a large eps lets the network collapse below
+    it (at 1e-5 it did: docs/notes.md). The floor e: rounding moves the eigenvalues of C / m (at
+    most S) by about S x machine epsilon, so no smaller eps can be honoured. A group's condition
+    number is at most (S + e) / e. A group whose C is exactly 0 (constant axes): W = I, output 0."""
+    group_size = cov.shape[-1]
+    e = whitening_eps(eps, group_size, cov.dtype)
+    eye = torch.eye(group_size, dtype=cov.dtype, device=cov.device)
     m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
     constant = m == 0
     m = torch.where(constant, torch.ones_like(m), m)
-    a = torch.where(constant, eye, cov / m + eps * eye)  # mean eigenvalue 1 + e: scale-free
-    return inverse_sqrt(a, eps, method) * m.rsqrt()
+    a = torch.where(constant, eye, cov / m + e * eye)  # mean eigenvalue 1 + e: scale-free
+    return inverse_sqrt(a, e, method) * m.rsqrt()
 
 
 # --- copy to here ----------------------------------------------------------------------------
 
 
 # =============================================================================================
-# 5. Model: encoder -> projector -> normalization layer -> (predictor)
-## Everything downstream of training (k-NN, linear probe) uses only the encoder's output.
+# 5. Model: backbone -> projector -> normalization layer -> (predictor)
+# Everything downstream of training (k-NN, linear probe) uses only the backbone's output.
 # =============================================================================================
 
 
@@ -303,27 +316,28 @@ def small_convnet():
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 256
 
 
-def mlp(in_dim, hidden, out_dim):
+def mlp(in_dim, hidden, out_dim, linear=False):
     """Linear -> BN -> ReLU -> Linear: the projector (F -> proj_hidden -> D, F = 512 for ResNet-18,
-    256 for --arch small), the predictor (D -> pred_hidden -> D)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim))
+    256 for --arch small), the predictor (D -> pred_hidden -> D). linear: Linear -> Linear, the authors'
+    bottleneck for their 2-d pictures (hidden 4): the output is then a linear map of the features."""
+    middle = [] if linear else [nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    return nn.Sequential(nn.Linear(in_dim, hidden), *middle, nn.Linear(hidden, out_dim))
 
 
 class SiameseNet(nn.Module):
     """One network shared by both views; the findings differ only in `norm`. forward(x1, x2), each
     view N x 3 x H x W -> (p1, p2, z1, z2), each N x D: z the normalized projector output (float32),
-    p = predictor(z) (z itself without one). ## One call per view, as the authors: every BatchNorm
-    ## and the paper's layer see one view at a time, with its own statistics and permutation."""
+    p = predictor(z) (z itself without one). One call per view, as the authors: every BatchNorm and
+    the paper's layer see one view at a time, with its own statistics and permutation."""
 
-    def __init__(self, encoder, feat_dim, projector, norm, predictor=None):
+    def __init__(self, backbone, feat_dim, projector, norm, predictor=None):
         super().__init__()
-        self.encoder, self.feat_dim, self.projector = encoder, feat_dim, projector
+        self.backbone, self.feat_dim, self.projector = backbone, feat_dim, projector
         self.norm, self.predictor = norm, predictor
 
     def project(self, x):
         """Projector output, before the normalization layer: N x 3 x H x W -> N x D."""
-        return self.projector(self.encoder(x))
+        return self.projector(self.backbone(x))
 
     def embed(self, x):
         """One view -> (p, z), each N x D."""
@@ -338,14 +352,15 @@ class SiameseNet(nn.Module):
 def build_model(cfg, whiten="eigh", dtype=torch.float64, world=1):
     """The network cfg describes, with one of the paper's three layers after the projector. whiten:
     eigh or newton; dtype: the layer's; world: processes (more than 1: train-mode statistics over all)."""
-    encoder, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
+    backbone, feat_dim = resnet18_cifar() if cfg.arch == "resnet18" else small_convnet()
     layers = {"none": lambda: nn.Identity(),  # finding 1: complete collapse
               "bn": lambda: Standardize(cfg.proj_dim, dtype, world > 1),  # finding 2: dimensional collapse
               "zca": lambda: GroupWhitening(cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps, dtype, whiten,
                                             world > 1)}  # finding 3: neither
     norm = layers[cfg.decorr]()
     pred = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor else None
-    return SiameseNet(encoder, feat_dim, mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim), norm, pred)
+    projector = mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.linear_projector)
+    return SiameseNet(backbone, feat_dim, projector, norm, pred)
 
 
 # =============================================================================================
@@ -374,33 +389,34 @@ def siamese_loss(p1, p2, z1, z2, kind="l2", stop_grad=False):
 
 
 @torch.no_grad()
-def collapse_metrics(z):
-    """The measurements of collapse (findings 1 and 2), for features z: N x D, in float64.
-      std           mean over axes of the per-axis std of z. Falls to 0 under complete collapse.
-      std_l2        mean over axes of the std of z / ||z||. About 1/sqrt(D) when the outputs
+def collapse_metrics(feats):
+    """The measurements of collapse (findings 1 and 2), for features f: N x D, in float64.
+      std           mean over axes of the per-axis std of f. Falls to 0 under complete collapse.
+      std_l2        mean over axes of the std of f / ||f||. About 1/sqrt(D) when the outputs
                     spread over the sphere, 0 when they all point one way (SimSiam's measure).
       corr_strength mean |R_ij| over i != j of the Pearson correlation matrix R (axes with zero
-                    variance count as uncorrelated). Near 1 under dimensional collapse.
-      eff_rank      exp(entropy of p), p = singular values of the centred z / their sum
+                    variance count as uncorrelated). 1 for features on one direction (rank 2: 0.64,
+                    rank 4: 0.42 at D = 512); blind to complete collapse (a point plus noise: 0.02).
+      eff_rank      exp(entropy of q), q = singular values of the centred f / their sum
                     (Roy & Vetterli; RankMe). 1 for rank-1 features, D for isotropic ones.
       spectrum      covariance eigenvalues, descending, divided by the largest (D floats).
     -> a dict of Python floats (spectrum: a list of them)."""
-    z = as_float64(z.detach())  # Apple MPS has no float64: there on the CPU (Appendix B)
-    n, d = z.shape
-    std = z.std(0, correction=0)
-    std_l2 = F.normalize(z, dim=1).std(0, correction=0)  # F.normalize: each row to unit length
-    zc = z - z.mean(0)
-    cov = zc.T @ zc / n
+    f = as_float64(feats.detach())  # Apple MPS has no float64: there on the CPU (Appendix B)
+    n, d = f.shape
+    std = f.std(0, correction=0)
+    std_l2 = F.normalize(f, dim=1).std(0, correction=0)  # F.normalize: each row to unit length
+    fc = f - f.mean(0)
+    cov = fc.T @ fc / n
     sd = cov.diagonal().clamp_min(0).sqrt()
     denom = torch.outer(sd, sd)
     r = torch.where(denom > 0, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
-    off = ~torch.eye(d, dtype=torch.bool, device=z.device)
-    corr = r.abs()[off].mean() if d > 1 else torch.zeros((), dtype=z.dtype)
+    off = ~torch.eye(d, dtype=torch.bool, device=f.device)
+    corr = r.abs()[off].mean() if d > 1 else torch.zeros((), dtype=f.dtype)
     evals = small_eigh(cov, eigenvalues_only=True).flip(0).clamp_min(0)
     sv = (evals * n).sqrt()
     if sv.sum() > 0:
-        p = sv / sv.sum()
-        eff_rank = torch.exp(-(p * p.clamp_min(1e-300).log()).sum())
+        q = sv / sv.sum()
+        eff_rank = torch.exp(-(q * q.clamp_min(1e-300).log()).sum())
         spectrum = evals / evals[0]
     else:
         eff_rank, spectrum = torch.zeros(()), torch.zeros(d)
@@ -409,15 +425,16 @@ def collapse_metrics(z):
 
 
 @torch.no_grad()
-def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
+def measure_collapse(net, metric_x, backbone_feats, batch_size, machine, n_total):
     """collapse_metrics at three stages, on two sets of images. -> {stage: metrics}.
-      backbone    backbone_feats: eval-mode encoder features of the test images' evaluation view
-      projector   the projector output for metric_x (fixed training images, neither augmented nor
-                  resized) in train mode, in batches of `batch`; normalized: the layer's output for it
-    ## Train mode (on a copy: train_mode_outputs, Appendix B) is how the network computes what it
-    ## trains on; in eval mode BatchNorm's running averages lag and can make a collapse look healthy."""
-    y, z = train_mode_outputs(net, metric_x, batch, machine, n_total)
-    return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(y),
+      backbone    backbone_feats: the backbone's features of the test images' evaluation view, in
+                  eval mode, as k-NN and the linear probe use them
+      projector   the projector output h for metric_x (fixed training images, neither augmented nor
+                  resized) in train mode, in batches of batch_size; normalized: the layer's z = norm(h)
+    Train mode (on a copy: train_mode_outputs, Appendix B) is how the network computes what it trains
+    on; in eval mode BatchNorm's running averages lag and can make a collapse look healthy."""
+    h, z = train_mode_outputs(net, metric_x, batch_size, machine, n_total)
+    return {"backbone": collapse_metrics(backbone_feats), "projector": collapse_metrics(h),
             "normalized": collapse_metrics(z)}
 
 
@@ -427,11 +444,11 @@ def measure_collapse(net, metric_x, backbone_feats, batch, machine, n_total):
 
 
 @torch.no_grad()
-def encode(encoder, x, machine, batch=1024):
+def encode(backbone, x, machine, chunk=1024):
     """Eval-mode backbone features of uint8 images x (no augmentation). -> N x F float32."""
-    encoder.eval()  # the next epoch puts it back in train mode
+    backbone.eval()  # the next epoch puts it back in train mode
     with machine.autocast():
-        feats = [encoder(network_input(xb, machine)).float() for xb in x.split(batch)]
+        feats = [backbone(network_input(xb, machine)).float() for xb in x.split(chunk)]
     return torch.cat(feats) if feats else torch.zeros(0, 1, device=x.device)
 
 
@@ -443,16 +460,16 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=200, t=0.
     train_feats: M x F, test_feats: N x F, labels int. -> percent."""
     bank = F.normalize(train_feats.float(), dim=1)
     bank_y = train_labels.to(bank.device)
-    classes = int(max(bank_y.max().item(), test_labels.max().item())) + 1
+    num_classes = int(max(bank_y.max().item(), test_labels.max().item())) + 1
     k, correct = min(k, len(bank)), 0
-    for q, y in zip(test_feats.split(chunk), test_labels.split(chunk)):
+    for q, labels in zip(test_feats.split(chunk), test_labels.split(chunk)):
         sim, idx = (F.normalize(q.float().to(bank.device), dim=1) @ bank.T).topk(k, dim=1)
-        scores = torch.zeros(len(q), classes, device=bank.device).scatter_add_(1, bank_y[idx], (sim / t).exp())
-        correct += (scores.argmax(1) == y.to(bank.device)).sum().item()
+        scores = torch.zeros(len(q), num_classes, device=bank.device).scatter_add_(1, bank_y[idx], (sim / t).exp())
+        correct += (scores.argmax(1) == labels.to(bank.device)).sum().item()
     return 100.0 * correct / len(test_feats)
 
 
-def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs, machine, seed, progress=True):
+def linear_accuracy(backbone, feat_dim, train_set, test_set, num_classes, epochs, machine, seed, progress=True):
     """Linear probe: Linear(F, classes) on the frozen eval-mode backbone, cross-entropy, SGD
     momentum 0.9, lr 30, no weight decay, batch 256, cosine over `epochs` (paper: 100), on crops
     RandomResizedCrop(scale 0.08-1, bicubic) + flip drawn anew each epoch. train_set, test_set:
@@ -464,10 +481,10 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
     n, labels = len(train_set[1]), train_set[1].to(machine.device)
     steps = max(1, math.ceil(n / 256)) * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    encoder.eval()
+    backbone.eval()
     for _ in tqdm(range(epochs), desc="linear probe", disable=not (progress and machine.is_main), leave=False):
         with torch.no_grad(), machine.autocast():
-            feats = [encoder(network_input(random_resized_crop_flip(
+            feats = [backbone(network_input(random_resized_crop_flip(
                 to_float(xb), scale=(0.08, 1.0), generator=gen, mode="bicubic"), machine)).float()
                 for xb in train_set[0].split(1024)]
         feats = gather_shards(torch.cat(feats), n)
@@ -479,7 +496,7 @@ def linear_accuracy(encoder, feat_dim, train_set, test_set, num_classes, epochs,
             opt.step()
             sched.step()
     with torch.no_grad():
-        logits = clf(gather_shards(encode(encoder, test_set[0], machine), len(test_set[1])))
+        logits = clf(gather_shards(encode(backbone, test_set[0], machine), len(test_set[1])))
     check_finite("the classifier's outputs", [logits])
     pred = logits.argmax(1)
     return 100.0 * (pred == test_set[1].to(machine.device)).float().mean().item()
@@ -490,15 +507,15 @@ def evaluate(net, run):
     of at most 3 axes also its points (the paper's Figure 2: Appendix F). -> the log row's entries."""
     cfg, machine, images = run.cfg, run.machine, run.images
     share_buffers(net)  # under torchrun: BatchNorm statistics as on process 0 (Appendix B)
-    train_f = gather_shards(encode(net.encoder, images.bank, machine), len(run.data.train_y))
-    test_f = gather_shards(encode(net.encoder, images.test, machine), len(run.data.test_y))
+    train_f = gather_shards(encode(net.backbone, images.bank, machine), len(run.data.train_y))
+    test_f = gather_shards(encode(net.backbone, images.test, machine), len(run.data.test_y))
     check_finite("the backbone's features", [train_f, test_f])  # a diverged network is not scored
     acc = knn_accuracy(train_f, run.data.train_y, test_f, run.data.test_y, cfg.knn_k, cfg.knn_t)
     metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine,
                                images.n_metric)
     if isinstance(net.norm, GroupWhitening) and metrics["normalized"]["std"] < 0.9:
-        ## Whitened outputs fall below std 1 only along directions whose variance v (an eigenvalue
-        ## of C) is down near e x m: the network has found that eps lets it drop directions.
+        # Whitened outputs fall below std 1 only along directions whose variance v (an eigenvalue
+        # of C) is down near e x m: the network has found that eps lets it drop directions.
         print0(machine, f"warning: the whitened output is not white (std {metrics['normalized']['std']:.2f}, "
                         f"should be 1): eps is damping directions the network collapsed; {eps_advice(net.norm)}")
     row = {"knn_acc": acc, "collapse": metrics}
@@ -512,12 +529,12 @@ def evaluate(net, run):
 # =============================================================================================
 
 
-def lr_factor(step, total, warmup):
-    """The schedule, as a multiple of the peak learning rate at `step`: a linear warm-up from 0
-    over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return step / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_factor(i, total, warmup):
+    """The schedule, as a multiple of the peak learning rate at step i: a linear warm-up from 0 over
+    `warmup` steps, then cosine decay to 0 at `total` (a warm-up as long as the run never gets there)."""
+    if i < warmup:
+        return i / warmup
+    return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
 
 
 @dataclass
@@ -553,9 +570,9 @@ def train_step(tr, x):
     """One SGD step on a uint8 batch x (N x 3 x H x W): two augmented views, the network applied to
     each in its own call (SiameseNet.forward), the Siamese loss, backward, update. -> the loss, a
     device tensor (reading it waits for the GPU). Eagerly, eigh (its error check) and fp16's loss
-    scaler (its inf check) wait for the device; the CUDA-graph step does not (Appendix C)."""
-    ## One augmentation call on the batch twice over: every image draws its own crop, flip and
-    ## colours, so the halves are two independent views, for half the kernels of two calls.
+    scaler (its inf check) wait for the device; the CUDA-graph step (bf16 or fp32, newton) does not."""
+    # One augmentation call on the batch twice over: every image draws its own crop, flip and
+    # colours, so the halves are two independent views, for half the kernels of two calls.
     x1, x2 = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
     with tr.machine.autocast():
         loss = siamese_loss(*tr.model(x1, x2), kind=tr.cfg.loss, stop_grad=tr.cfg.stop_grad)
@@ -570,8 +587,8 @@ def train_one_epoch(tr, step, train_x, epoch):
     """One pass over this process's images in a new random order: step(batch), then the schedule,
     per batch. -> (mean loss, images per second)."""
     cfg, machine = tr.cfg, tr.machine
-    batch = cfg.batch_size // machine.world
-    steps = len(train_x) // batch  # drop_last, as the authors
+    batch_size = cfg.batch_size // machine.world
+    steps = len(train_x) // batch_size  # drop_last, as the authors
     order = reseed_epoch(tr, epoch, len(train_x))  # every random stream from (seed, epoch): --resume is exact
     tr.model.train()
     loss_sum = torch.zeros((), device=machine.device)
@@ -579,8 +596,8 @@ def train_one_epoch(tr, step, train_x, epoch):
     t0 = synced_clock()
     for i in bar:
         try:
-            loss_sum += step(train_x[order[i * batch:(i + 1) * batch]])
-        except torch.linalg.LinAlgError:  # NaN/inf features reach eigh before the loss check
+            loss_sum += step(train_x[order[i * batch_size:(i + 1) * batch_size]])
+        except (torch.linalg.LinAlgError, FloatingPointError):  # NaN/inf features reach eigh before the loss check
             raise Diverged(f"the whitening's eigendecomposition failed at epoch {epoch}, step {i + 1}") from None
         tr.sched.step()
         if i % 25 == 24 or i == steps - 1:  # .item() waits for the GPU: only now and then
@@ -631,13 +648,15 @@ def main(argv=None):
             return finished_run(cfg, machine)  # a finished run cannot be extended (Appendix D)
         data = load_data(cfg)
         images = images_on_device(data, cfg, machine)  # this process's share, on its device (Appendix B)
-        kind = choose_step(cfg, machine)  # "graph" or "eager", and why (Appendix C)
+        step_kind = choose_step(cfg, machine)  # "graph" or "eager", and why (Appendix C)
         tr = build_trainer(cfg, machine, len(images.train) // (cfg.batch_size // machine.world),
-                           whitening_method(cfg, kind))  # --whiten auto: newton if a graph is planned
+                           whitening_method(cfg, step_kind))  # --whiten auto: newton if a graph is planned
         run = open_run(cfg, machine, data, images, tr)  # run folder; --resume: the checkpoint (Appendix D)
-        ## The step that trains: train_step itself, or train_step recorded once as a CUDA graph and
-        ## replayed (the same step, SGD by its fused kernel; faster where kernels are small: Appendix C).
-        step = cuda_graph(train_step, tr, images.train) if kind == "graph" else lambda x: train_step(tr, x)
+        # The step that trains: train_step, or train_step recorded once as a CUDA graph and replayed,
+        # faster where kernels are small. It is the same step but for the whitening's method (newton
+        # where the eager step uses eigh: in float64 the same output to about 1e-7) and SGD's fused
+        # kernel, and it must match an eager step before training, else the eager step trains (Appendix C).
+        step = cuda_graph(train_step, tr, images.train) if step_kind == "graph" else lambda x: train_step(tr, x)
         log_start(run)  # config.json, the run's description, the table's header (Appendix D)
         return finish_run(run, train(run, step))  # linear probe and results.json (Appendix D)
 
@@ -658,9 +677,16 @@ def whitening_eps(eps, size, dtype):
 
 def inverse_sqrt(a, floor, method="eigh"):
     """A^(-1/2) of symmetric matrices a: ... x S x S whose eigenvalues are at least `floor`, exactly."""
-    if method == "eigh":
+    if method == "newton":
+        return inverse_sqrt_newton(a, newton_scales(a.shape[-1], floor, a.dtype))
+    try:
         return _InvSqrtEigh.apply(a, floor)
-    return inverse_sqrt_newton(a, newton_scales(a.shape[-1], floor, a.dtype))
+    except torch.linalg.LinAlgError:  # looked into only after a failure: a check first would wait every call
+        if torch.isfinite(a).all():
+            raise
+        raise FloatingPointError("the whitening's input holds NaN or inf, so its covariance has no "
+                                 "eigendecomposition: find where it comes from (a diverged network: a lower "
+                                 "learning rate; or the data)") from None
 
 
 def small_eigh(a, eigenvalues_only=False):
@@ -726,6 +752,28 @@ def inverse_sqrt_newton(a, scales):
         yr, rz = y @ r, r @ z
         y, z = c * (y + 0.5 * (yr + yr.mT)), c * (z + 0.5 * (rz + rz.mT))
     return z * trace.rsqrt()
+
+
+def check_dtype(dtype):
+    """The layers' compute dtype, if it is float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype={dtype}: the layer's statistics and W need float32 or float64 (torch's "
+                         f"eigendecomposition has no half-precision kernels); half-precision inputs are fine")
+    return dtype
+
+
+def check_features(x, num_features, global_batch):
+    """-> the samples the statistics span; refuses what neither layer can normalize."""
+    if x.dim() != 2 or x.shape[1] != num_features:
+        raise ValueError(f"expected N x {num_features} features (one view per call), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"expected floating-point features, got {x.dtype}: the output keeps the input's dtype, "
+                        f"so integers would be truncated; pass x.float()")
+    samples = len(x) * (world_size() if global_batch else 1)
+    if samples < 2:
+        raise ValueError(f"a batch of {samples}: the layer normalizes with the batch's statistics (in eval mode "
+                         f"too), which need at least 2 samples; call it on a batch")
+    return samples
 
 
 def world_size():
@@ -948,21 +996,30 @@ def wrap_for_processes(net, cfg, machine):
 
 
 # =============================================================================================
-# Appendix C. The fast path: the training step as one CUDA graph      (skippable: same step)
+# Appendix C. The fast path: the training step as one CUDA graph      (skippable: the same step)
 # A GPU step is hundreds of small kernels launched from Python; a CUDA graph replays them with one launch,
 # if the step never waits for the host, reuses its tensors and draws only from generators the graph knows.
+# Before training, the replay proves itself against the eager step, or the eager step trains.
 # =============================================================================================
 
 WARMUP_STEPS = 3  # eager steps before capture: cuDNN picks its kernels, SGD creates its state
+# A replay must give the eager step's loss and update to 1%: bf16 keeps 8 significant bits (a rounding
+# is up to 2^-9 = 0.2%), and the two run the same kernels, differing only where an accumulation order
+# does (a few roundings); a replay that skips or misapplies the update is off by about 100%.
+SELF_CHECK_RTOL = 0.01
 
 
 def choose_step(cfg, machine):
-    """"graph" on one CUDA GPU; "eager" on a CPU or Apple MPS, with --no-graph, and (with a line why)
-    under torchrun, with --whiten eigh for zca, or on a torch that cannot replay the generator."""
+    """"graph" on one CUDA GPU in bf16 or fp32; "eager" on a CPU or Apple MPS, with --no-graph, and (with
+    a line why) in fp16, under torchrun, with --whiten eigh for zca, or on a torch that cannot replay the
+    generator."""
     if machine.device.type != "cuda" or not cfg.graph:
         return "eager"
     why = None
-    if machine.world > 1:
+    if machine.amp_dtype == torch.float16:
+        why = "fp16 trains with torch's loss scaler (torch.amp.GradScaler), which checks for inf on the host " \
+              "every step: eager step, no CUDA graph"
+    elif machine.world > 1:
         why = "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"
     elif cfg.decorr == "zca" and cfg.whiten == "eigh":
         why = "--whiten eigh waits for the host, which a CUDA graph cannot hold: eager step"
@@ -985,37 +1042,36 @@ def graphs_replay_generators():
 
 def cuda_graph(step_fn, tr, train_x, capture=True):
     """step_fn(tr, x) recorded once as a CUDA graph. -> step(x): copies the uint8 batch x into the input
-    buffer and replays augmentation, forward, loss, backward and SGD; the warm-up is undone. A failed
-    capture: one line why, then step_fn eagerly. capture=False: all but the capture (the CPU tests)."""
-    batch_shape = (tr.cfg.batch_size // tr.machine.world, *train_x.shape[1:])
+    buffer and replays augmentation, forward, loss, backward and SGD; the warm-up is undone, and the replay
+    has matched an eager step (graph_self_check). A failed capture or check: one line why, then step_fn
+    eagerly from the same state. capture=False: all but the capture and the check (the CPU tests)."""
     try:
-        step = graph_ready_step(step_fn, tr, batch_shape, capture)
+        step = graph_ready_step(step_fn, tr, train_x[: tr.cfg.batch_size // tr.machine.world], capture)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        print0(tr.machine, f"note: the CUDA graph could not be captured ({type(e).__name__}: {reason}); "
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print0(tr.machine, f"note: the CUDA graph is not used ({type(e).__name__}: {reason}); "
                            f"continuing with the eager step")
         return lambda x: step_fn(tr, x)
     tr.step_kind, tr.graph_holds = "graph" if capture else "eager", graph_inputs(tr)
     return step
 
 
-def graph_ready_step(step_fn, tr, batch_shape, capture):
-    device = tr.machine.device
-    static_x = torch.zeros(batch_shape, dtype=torch.uint8, device=device)
-    if tr.scaler.is_enabled():
-        tr.scaler.scale(torch.zeros((), device=device))  # makes the fp16 loss scale's tensors, held by the graph
+def graph_ready_step(step_fn, tr, batch, capture):
+    device, static_x = tr.machine.device, torch.zeros_like(batch)
     restore = snapshot(tr)
-    graph_optimizer(tr.opt, device, tr.scaler.is_enabled())
+    graph_optimizer(tr.opt, device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warm_up(lambda: step_fn(tr, static_x), device)
-        static_loss, replay = capture_graph(lambda: step_fn(tr, static_x), [tr.aug_gen]) if capture else (None, None)
+            static_loss, replay = capture_graph(lambda: step_fn(tr, static_x), [tr.aug_gen]) if capture else [None] * 2
+            restore()
+            if replay is not None:
+                static_x.copy_(batch)
+                graph_self_check(tr, lambda: step_fn(tr, static_x), lambda: (replay(), static_loss)[1], restore)
     except BaseException:
         restore()
         eager_optimizer(tr.opt.param_groups)
-        tr.opt._step_supports_amp_scaling = False
         raise
-    restore()
 
     def step(x):
         if x.shape != static_x.shape:  # copy_ would broadcast a smaller batch silently
@@ -1027,6 +1083,30 @@ def graph_ready_step(step_fn, tr, batch_shape, capture):
         replay()
         return static_loss.clone()  # the next replay overwrites static_loss
     return step
+
+
+def graph_self_check(tr, eager, replay, restore, rtol=SELF_CHECK_RTOL):
+    """The captured step proves itself: from one state, with one batch and the same random streams, one eager
+    step and one replay (each -> the loss) must give the same loss and parameter update to rtol (at the peak
+    lr: the warm-up's first is 0). Else RuntimeError, why. The state is restored after each, so the run is
+    the same whether the check passes or not; it costs one extra step."""
+    params, lrs = list(tr.net.parameters()), [g["lr"] for g in tr.opt.param_groups]
+    start, lr_now, outcome = [p.detach().clone() for p in params], [lr.clone() for lr in lrs], []
+    for fn in (eager, replay):
+        for lr, peak in zip(lrs, tr.sched.base_lrs):
+            lr.fill_(peak)
+        torch.manual_seed(0)  # the whitening's shuffles
+        tr.aug_gen.manual_seed(0)
+        loss = float(fn())
+        outcome.append((loss, torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)])))
+        restore()
+    for lr, value in zip(lrs, lr_now):
+        lr.copy_(value)
+    (loss_e, update_e), (loss_g, update_g) = outcome
+    off = ((update_g - update_e).norm() / update_e.norm()).item()
+    if not abs(loss_g - loss_e) <= rtol * abs(loss_e) or not off <= rtol:
+        raise RuntimeError(f"its replay differs from the eager step (loss {loss_g:.6g} against {loss_e:.6g}, "
+                           f"parameter update off by {off:.1%}; {rtol:.0%} allowed)")
 
 
 def warm_up(fn, device, steps=WARMUP_STEPS):
@@ -1056,7 +1136,7 @@ def capture_graph(fn, generators=()):
 def snapshot(tr):
     """Copies of what a step changes. -> restore(): the copies back into the same tensors (a graph holds
     their addresses), a momentum buffer made since zeroed (SGD's next step then is a first step)."""
-    held = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers(), *loss_scale(tr.scaler))]
+    held = [(t, t.detach().clone()) for t in (*tr.net.parameters(), *tr.net.buffers())]
     held += [(s["momentum_buffer"], s["momentum_buffer"].clone()) for s in tr.opt.state.values()
              if torch.is_tensor(s.get("momentum_buffer"))]
 
@@ -1070,14 +1150,12 @@ def snapshot(tr):
     return restore
 
 
-def graph_optimizer(opt, device, scaled=False):
+def graph_optimizer(opt, device):
     """SGD as a graph holds it: the lr a 0-dim device tensor (LambdaLR fills it in place), read by the
-    fused kernel (foreach SGD breaks the capture). scaled (fp16): the kernel also takes GradScaler's
-    scale and found-inf flag and skips an inf step on the device, where unfused SGD reads it on the host."""
+    fused kernel (foreach SGD breaks the capture)."""
     for g in opt.param_groups:
         g["lr"] = torch.tensor(float(g["lr"]), device=device)
         g["fused"], g["foreach"] = True, False
-    opt._step_supports_amp_scaling = scaled  # what SGD(fused=True) sets at construction
 
 
 def eager_optimizer(param_groups):
@@ -1090,12 +1168,7 @@ def graph_inputs(tr):
     """Addresses of every tensor the graph reads or updates in place."""
     momentum = [s["momentum_buffer"] for s in tr.opt.state.values() if torch.is_tensor(s.get("momentum_buffer"))]
     lrs = [g["lr"] for g in tr.opt.param_groups if torch.is_tensor(g["lr"])]
-    held = (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs, *loss_scale(tr.scaler))
-    return [t.data_ptr() for t in held]
-
-
-def loss_scale(scaler):  # fp16: the scale and its growth counter, which a step updates on the device
-    return [t for t in (scaler._scale, scaler._growth_tracker) if t is not None] if scaler.is_enabled() else []
+    return [t.data_ptr() for t in (*tr.net.parameters(), *tr.net.buffers(), *momentum, *lrs)]
 
 
 def step_record(tr):
@@ -1172,7 +1245,7 @@ def add_other_flags(data, arg):
     arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto: CUDA, MPS, or CPU")
     arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
         help="autocast precision; default auto: bf16 on GPUs of compute capability 8.0 and later, fp16 "
-             "(loss-scaled) on 7.x, fp32 below 7.0 and on a CPU or MPS")
+             "(loss-scaled, the eager step) on 7.x, fp32 below 7.0 and on a CPU or MPS")
     arg("--no-graph", dest="graph", action="store_false",
         help="on CUDA, run each step eagerly; default: the whole step as one CUDA graph (one GPU)")
     arg("--no-sync-bn", dest="sync_bn", action="store_false",
@@ -1418,7 +1491,7 @@ def finish_run(run, final):
         t0 = time.perf_counter()
         try:
             train_set, test_set = (run.images.train_all, run.data.train_y), (run.images.test, run.data.test_y)
-            results["linear_acc"] = linear_accuracy(tr.net.encoder, tr.net.feat_dim, train_set, test_set,
+            results["linear_acc"] = linear_accuracy(tr.net.backbone, tr.net.feat_dim, train_set, test_set,
                                                     len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
                                                     cfg.progress)
         except Diverged as e:
@@ -1718,7 +1791,7 @@ def random_grayscale(x, p=0.2, generator=None):
 
 
 def bare_model(tr, x):
-    """Encoder and projector forward and backward on both views (a call each), nothing else: a step's floor."""
+    """Backbone and projector forward and backward on both views (a call each), nothing else: a step's floor."""
     views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
 
     def bare():
@@ -1731,7 +1804,7 @@ def bare_model(tr, x):
 
 def benchmark(cfg, machine):
     """Times on random images (content does not change speed) the step, eager and graphed, the bare
-    encoder+projector (the floor), the eager parts, the start to the first graphed step."""
+    backbone+projector (the floor), the eager parts, the start to the first graphed step."""
     t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
 
     def time_it(fn):  # mean seconds per call after WARMUP_STEPS untimed ones, the device waited for
@@ -1751,10 +1824,10 @@ def benchmark(cfg, machine):
         if tg.step_kind == "graph":
             t["graphed full step"] = time_it(lambda: (step(x), tg.sched.step()))
             warm_up(bare_model(tg, x), dev)
-            t["graphed bare encoder+projector"] = time_it(capture_graph(bare_model(tg, x))[1])
+            t["graphed bare backbone+projector"] = time_it(capture_graph(bare_model(tg, x))[1])
     te = build_trainer(cfg, machine, 50000 // b, whitening_method(cfg, "eager"))
     t["eager full step"] = time_it(lambda: (train_step(te, x), te.sched.step()))
-    t["eager bare encoder+projector"] = time_it(bare_model(te, x))
+    t["eager bare backbone+projector"] = time_it(bare_model(te, x))
     ys = [torch.randn(b, cfg.proj_dim, device=dev, requires_grad=True) for _ in range(2)]
     t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
     t["normalization layer (2 views, two calls)"] = time_it(
@@ -1768,7 +1841,7 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
     prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
     kinds = [k for k in ("eager", "graphed") if f"{k} full step" in t]
     best, missing = t[f"{kinds[-1]} full step"], "   needs CUDA" if machine.device.type != "cuda" else "   not run"
-    ratios = {k: t[f"{k} full step"] / t[f"{k} bare encoder+projector"] for k in kinds}
+    ratios = {k: t[f"{k} full step"] / t[f"{k} bare backbone+projector"] for k in kinds}
     norm = cfg.decorr + f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})" * (
         cfg.decorr == "zca")
     out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, "
@@ -1776,7 +1849,7 @@ def report_benchmark(cfg, machine, t, first_step, te, tg):
            f"{torch.__version__}, fdsl {code_version(short=True)}; mean of {cfg.benchmark_steps} calls after "
            f"{WARMUP_STEPS} untimed ones"]
     for kind, tr in (("eager", te), ("graphed", tg)):
-        for row in (f"{kind} full step", f"{kind} bare encoder+projector"):
+        for row in (f"{kind} full step", f"{kind} bare backbone+projector"):
             whiten = step_record(tr)["whiten_method"] if tr and "full" in row else None
             label = row + (f" ({whiten})" if whiten else "")
             out.append(f"  {label:<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if row in t else missing))
@@ -1849,14 +1922,14 @@ def plot_runs(run_dirs, out=""):
                          f" ({len(e)} seeds)" * (len(e) > 1))
     out = out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs]),
                               "comparison.png")
-    stem, flat = os.path.splitext(out)[0], [r for r in runs if any("projection" in row for row in r["rows"])]
+    stem, flat = os.path.splitext(out)[0], [r for r in runs if projection_rows(r)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     draw_runs(plt, entries).savefig(out, dpi=110)
     write_atomic(stem + ".md", table := runs_table(entries))
     if flat:
-        draw_projections(plt, flat).savefig(stem + "-2d.png", dpi=110)
+        draw_projections(plt, flat, stem + "-2d.gif").savefig(stem + "-2d.png", dpi=110)
     print(table + f"\nfdsl: figure of {len(runs)} run(s) in {out}, table in {stem}.md" +
-          (f", the 2-d projection spaces of {len(flat)} in {stem}-2d.png" if flat else ""))
+          (f", the 2-d projection spaces of {len(flat)} in {stem}-2d.png and, in motion, {stem}-2d.gif" * bool(flat)))
     return out
 
 
@@ -1923,24 +1996,47 @@ def draw_runs(plt, entries):
     return fig
 
 
-def draw_projections(plt, runs):
+def projection_rows(run):
+    return [row for row in run["rows"] if row.get("projection", {}).get("points")]
+
+
+def draw_points(ax, row, lim, title):
+    """One panel of Figure 2: a run's 2-d outputs at one evaluation, coloured by class, on fixed axes."""
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+    pts = torch.tensor(row["projection"]["points"])
+    ax.scatter(pts[:, 0], pts[:, 1], c=row["projection"]["labels"], cmap="tab10", vmin=-0.5, vmax=9.5, s=2,
+               rasterized=True)
+    ax.set_title(title, fontsize=10)
+
+
+def draw_projections(plt, runs, gif=None):
     """The paper's Figure 2: a row per 2-d run (3-d: two axes), points coloured by class, at up to 4 evaluations;
-    every panel on the same axes, so a collapsed output is drawn as the point it is. -> the figure."""
-    picks = []
-    for r in runs:
-        rows = [row for row in r["rows"] if row.get("projection", {}).get("points")]
-        picks.append([rows[round(i * (len(rows) - 1) / 3)] for i in range(4)] if len(rows) > 4 else rows)
-    every = torch.tensor([p[:2] for rows in picks for row in rows for p in row["projection"]["points"]])
+    every panel on the same axes, so a collapsed output is drawn as the point it is. gif: also this file, the
+    runs side by side, a frame per evaluation on the same axes (Pillow, which torchvision brings). -> the figure."""
+    every = torch.tensor([p[:2] for r in runs for row in projection_rows(r) for p in row["projection"]["points"]])
     lim = 1.1 * every.abs().flatten().quantile(0.995).item()  # the rarest outliers may leave the frame
+    if gif:
+        from matplotlib.animation import FuncAnimation, PillowWriter
+        fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 2.9), squeeze=False)
+        by_epoch = [{row["epoch"]: row for row in projection_rows(r)} for r in runs]
+
+        def frame(epoch):  # each run at its latest evaluation up to this epoch
+            for ax, r, rows in zip(axes[0], runs, by_epoch):
+                ax.clear()
+                draw_points(ax, rows[max(e for e in rows if e <= epoch or e == min(rows))], lim, r["label"])
+            fig.suptitle(f"epoch {epoch}", fontsize=11)
+        FuncAnimation(fig, frame, frames=sorted(set().union(*by_epoch))).save(gif, PillowWriter(fps=4), dpi=72)
+        plt.close(fig)
+    picks = []
+    for rows in map(projection_rows, runs):
+        picks.append([rows[round(i * (len(rows) - 1) / 3)] for i in range(4)] if len(rows) > 4 else rows)
     width = max(map(len, picks))
     fig, axes = plt.subplots(len(runs), width, figsize=(2.8 * width, 2.8 * len(runs)), squeeze=False)
     for ax_row, r, rows in zip(axes, runs, picks):
         for j, ax in enumerate(ax_row):
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
             if j < len(rows):
-                pts, labels = torch.tensor(rows[j]["projection"]["points"]), rows[j]["projection"]["labels"]
-                ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, rasterized=True)
-                ax.set_title(f"epoch {rows[j]['epoch']}", fontsize=10)
+                draw_points(ax, rows[j], lim, f"epoch {rows[j]['epoch']}")
         ax_row[0].set_ylabel(r["label"], fontsize=11)
     fig.suptitle("2-d projection spaces (colours: classes), every panel on the same axes", fontsize=11)
     fig.tight_layout()

@@ -154,7 +154,7 @@ def test_bn_is_batch_standardization_without_affine():
     assert layer(x).dtype == torch.float32  # computed in float64, returned in the input's dtype
     # Standardized, yet still correlated: exactly the dimensional-collapse loophole.
     assert fdsl.collapse_metrics(layer(x))["corr_strength"] > 0.5
-    with pytest.raises(ValueError, match="N >= 2"):
+    with pytest.raises(ValueError, match="at least 2 samples"):
         layer(x[:1])
 
 
@@ -358,17 +358,29 @@ def test_whitening_gradients_are_finite():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def copied_whitening_layer(extra=""):
-    """What a reader gets by pasting fdsl.py's import lines, `extra` and its copy blocks into a new file."""
+def readme_block(after, lang):
+    """The first ```lang block of README.md after the line containing `after`."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    at = re.search(r"\s+".join(map(re.escape, after.split())), text).end()  # across line breaks
+    return re.search(rf"```{lang}\n(.*?)```", text[at:], re.S).group(1)
+
+
+COPY_IMPORTS = "Put these imports at the top of your file"  # README's instruction, word for word
+COPY_COMMAND = "writes both blocks, with these imports, to whitening.py"
+
+
+def copied_whitening_layer():
+    """What a reader gets by following README: its import lines, then fdsl.py's copy blocks."""
     lines = open(os.path.join(HERE, "fdsl.py")).read().splitlines(keepends=True)
-    imports = [l for l in lines[: next(i for i, l in enumerate(lines) if l.startswith("# ====="))]
-               if l.startswith(("import ", "from "))]
     starts = [i for i, l in enumerate(lines) if l.startswith("# --- copy from here")]
     ends = [i for i, l in enumerate(lines) if l.startswith("# --- copy to here")]
     assert len(starts) == len(ends) == 2
     blocks = "".join("".join(lines[s:e + 1]) for s, e in zip(starts, ends))
+    imports = readme_block(COPY_IMPORTS, "python")
+    assert set(re.findall(r"^import (\S+)", imports, re.M)) <= {"contextlib", "math", "torch", "torch.nn",
+                                                                "torch.nn.functional", "torch.distributed"}
     namespace = {}
-    exec(compile("".join(imports) + extra + blocks, "copied.py", "exec"), namespace)
+    exec(compile(imports + blocks, "copied.py", "exec"), namespace)
     return namespace, blocks
 
 
@@ -400,10 +412,78 @@ def test_the_whitening_layer_copies_out_and_runs_alone(method):
     # A group not smaller than the batch is refused by the copied layer too, not whitened badly.
     with pytest.raises(ValueError, match="need more than 64 samples, got 32"):
         ns["GroupWhitening"](64, groups=1, method=method)(torch.randn(32, 64))
-    import inspect  # Standardize, just above the block, runs with the blocks too
-    standardize = copied_whitening_layer(inspect.getsource(fdsl.Standardize))[0]["Standardize"](64)
-    torch.testing.assert_close(standardize(x), fdsl.Standardize(64)(x), atol=0, rtol=0)
+    # The paper's "BN" comes with it.
+    torch.testing.assert_close(ns["Standardize"](64)(x), fdsl.Standardize(64)(x), atol=0, rtol=0)
 
+
+def toy_siamese_training(norm, steps=30):
+    """A student's toy: an MLP on two noisy views of 2-d points, `norm` after it, the paper's loss."""
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    data = torch.randn(512, 8, generator=g)
+    losses = []
+    for i in range(steps):
+        x = data[torch.randint(0, 512, (64,), generator=g)]
+        z1 = norm(net(x + 0.3 * torch.randn(x.shape, generator=g)))
+        z2 = norm(net(x + 0.3 * torch.randn(x.shape, generator=g)))
+        loss = (z1 - z2).pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        return losses, norm(net(data))
+
+
+def test_readmes_command_writes_a_whitening_module_a_student_trains_with(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(HERE, "fdsl.py"), tmp_path / "fdsl.py")
+    subprocess.run(["bash", "-c", readme_block(COPY_COMMAND, "bash")], cwd=tmp_path, check=True)
+    source = (tmp_path / "whitening.py").read_text()
+    assert not re.search(r"^(import|from) (torchvision|PIL|tqdm)", source, re.M)  # the layers need none of it
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import whitening
+    finally:
+        sys.path.remove(str(tmp_path))
+    for make in (lambda: whitening.GroupWhitening(16, groups=4), lambda: whitening.Standardize(16)):
+        losses, z = toy_siamese_training(make())
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+        assert z.std(0).mean().item() == pytest.approx(1.0, abs=0.05)  # no complete collapse: the layer forbids it
+
+
+def test_every_misuse_of_the_copied_layer_is_answered_in_words():
+    ns, _ = copied_whitening_layer()
+    GW, ST = ns["GroupWhitening"], ns["Standardize"]
+    x = correlated(64, 16).float()
+    nan = x.clone()
+    nan[5, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or inf"):  # eigh: not LAPACK's "failed to converge"
+        GW(16, groups=4)(nan)
+    # newton cannot look without waiting for the device every call: its docstring says what happens
+    assert torch.isnan(GW(16, groups=4, method="newton")(nan)).any()
+    assert "a NaN in x makes its\n    group's outputs NaN" in ns["GroupWhitening"].__doc__
+    for half in (torch.float16, torch.bfloat16):
+        for layer in (lambda: GW(16, groups=4, dtype=half), lambda: ST(16, dtype=half)):
+            with pytest.raises(ValueError, match="float32 or float64.*half-precision inputs are fine"):
+                layer()
+        assert GW(16, groups=4, dtype=torch.float32)(x.to(half)).dtype == half  # half inputs: fine
+    for layer in (GW(16, groups=4), ST(16)):
+        with pytest.raises(TypeError, match="floating-point features, got torch.int64.*x.float"):
+            layer(torch.randint(-2, 3, (64, 16)))
+        with pytest.raises(ValueError, match="a batch of 1.*at least 2 samples"):
+            layer(x[:1])
+    with pytest.raises(ValueError, match="fewer than 8 axes"):
+        GW(16, groups=2)(x[:8])
+    with pytest.raises(TypeError, match=re.escape("'auto' is fdsl's command-line rule, groups = ceil(2 D / N)")):
+        GW(16, groups="auto")
+    with pytest.raises(TypeError, match="must be an int"):
+        GW(16, groups=4.0)
+    assert repr(GW(16, groups=4, shuffle=False, eps=1e-6, method="newton")) == (
+        "GroupWhitening(16, groups=4, shuffle=False, eps=1e-06, dtype=torch.float64, method='newton', "
+        "global_batch=False)")
+    assert repr(ST(16)) == "Standardize(16, dtype=torch.float64, global_batch=False)"
 
 
 def test_a_group_not_smaller_than_the_batch_is_refused():
@@ -992,8 +1072,8 @@ def test_torchrun_two_processes_one_log_and_the_same_knn(tmp_path):
     data = fdsl.load_data(cfg)
     mach = fdsl.Machine(torch.device("cpu"), None)
     view = fdsl.eval_transform  # the authors' Resize + CenterCrop, as the run evaluated
-    acc = fdsl.knn_accuracy(fdsl.encode(net.encoder, view(data.train_x), mach), data.train_y,
-                            fdsl.encode(net.encoder, view(data.test_x), mach), data.test_y)
+    acc = fdsl.knn_accuracy(fdsl.encode(net.backbone, view(data.train_x), mach), data.train_y,
+                            fdsl.encode(net.backbone, view(data.test_x), mach), data.test_y)
     assert acc == results["knn_acc"]
 
 
@@ -1006,11 +1086,11 @@ def test_benchmark_times_every_part_and_keeps_its_table_only_when_asked(tmp_path
     r = fdsl.main(["--benchmark", "--arch", "small", "--proj-dim", "64", "--proj-hidden", "128", "--groups", "4",
                    "--batch-size", "32", "--image-size", "16", "--benchmark-steps", "2", "--out", "bench"])
     t = r["seconds"]
-    assert {"eager full step", "eager bare encoder+projector", "augmentation (2 views, one call)",
+    assert {"eager full step", "eager bare backbone+projector", "augmentation (2 views, one call)",
             "normalization layer (2 views, two calls)"} <= set(t)
     assert all(v > 0 for v in t.values())
     assert r["images_per_s"] == pytest.approx(32 / t["eager full step"])
-    assert r["step_vs_bare"]["eager"] == pytest.approx(t["eager full step"] / t["eager bare encoder+projector"])
+    assert r["step_vs_bare"]["eager"] == pytest.approx(t["eager full step"] / t["eager bare backbone+projector"])
     assert r["train_step"] == "eager" and r["whiten_method"] == "eigh" and r["first_step_s"] is None
     out = capsys.readouterr().out
     assert out.count("needs CUDA") == 2 and "full step / bare model" in out and "50,000-image epoch" in out
@@ -1069,22 +1149,15 @@ class HostReads(TorchDispatchMode):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")  # a skipped fp16 step looks to torch like a missing one
-def test_the_graph_ready_step_never_waits_for_the_device_fp16_included():
-    # What a CUDA graph needs of the step, checked on the CPU: no value read by the host. With
-    # fp16, GradScaler and the fused SGD keep it so (the scale and the found-inf flag go to the
-    # kernel; the scale is updated on the device); the eager step's GradScaler reads every step.
+def test_the_graph_ready_step_never_waits_for_the_device_and_fp16_would():
+    # What a CUDA graph needs of the step, checked on the CPU: no value read by the host, in fp32
+    # and bf16. fp16's public loss scaler reads its inf flag on the host every step, so fp16
+    # (7.x GPUs) trains eagerly (test_the_plan_on_each_gpu_generation).
     for amp_dtype in (None, torch.bfloat16):
         _, tr = trainer_run(True, steps=3, amp_dtype=amp_dtype)
         assert tr.host_reads.count == 0
-    graph, tg = trainer_run(True, amp_dtype=torch.float16)
-    if tg.graph_holds is None:  # cuda_graph fell back to the eager step, as it does on any failure
-        pytest.skip("this torch has no fused SGD on the CPU")
-    eager, te = trainer_run(False, amp_dtype=torch.float16)
-    assert tg.host_reads.count == 0 and te.host_reads.count == 6
-    assert tg.scaler.get_scale() == te.scaler.get_scale() < 65536.0  # inf gradients skipped alike, scale lowered
-    assert [loss for loss, _ in graph] == pytest.approx([loss for loss, _ in eager], rel=1e-4)
-    for p, q in zip(tg.net.parameters(), te.net.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    _, te = trainer_run(False, amp_dtype=torch.float16)
+    assert te.scaler.is_enabled() and te.host_reads.count == 6
 
 
 def test_channels_last_on_the_cpu_trains_as_contiguous_does(monkeypatch):
@@ -1107,6 +1180,28 @@ def test_auto_precision_follows_the_gpus_compute_capability(monkeypatch, capabil
     machine = fdsl.setup_machine(fdsl.build_parser().parse_args(["--device", "cuda"]))
     assert machine.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     assert fdsl.autocast_precision(torch.device("cpu")) == "fp32"  # the CPU stays exact by default
+
+
+@pytest.mark.parametrize("capability,precision,step", [((7, 0), torch.float16, "eager"),
+                                                     ((7, 5), torch.float16, "eager"),
+                                                     ((8, 0), torch.bfloat16, "graph"),
+                                                     ((9, 0), torch.bfloat16, "graph")])
+def test_the_plan_on_each_gpu_generation(monkeypatch, capsys, capability, precision, step):
+    # V100 and T4 (7.x): torch's public fp16 autocast and GradScaler, eager, one line why. A100 and
+    # H100/H200: bf16 and the CUDA graph (which proves itself before training: test_graph_self_check_*).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(fdsl, "graphs_replay_generators", lambda: True)
+    cfg = fdsl.build_parser().parse_args(["--device", "cuda"])
+    machine = fdsl.setup_machine(cfg)
+    assert machine.amp_dtype == precision
+    assert fdsl.choose_step(cfg, machine) == step
+    out = capsys.readouterr().out
+    assert out == "" if step == "graph" else out.count("\n") == 1 and "fp16" in out and "GradScaler" in out
+    assert fdsl.whitening_method(cfg, step) == ("newton" if step == "graph" else "eigh")
+    # No private torch attribute anywhere: a torch release may change any of them.
+    assert not re.findall(r"\._[a-z]\w*", open(os.path.join(HERE, "fdsl.py")).read())
 
 
 def test_graph_ready_step_trains_exactly_like_train_step():
@@ -1157,10 +1252,9 @@ def test_step_choice_follows_the_machine_and_flags(monkeypatch, capsys):
     assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cpu"), None)) == "eager"
     assert fdsl.choose_step(cfg("--no-graph"), cuda) == "eager"
     assert capsys.readouterr().out == ""  # nothing to explain: the graph was used or not wanted
-    # fp16 too: its loss-scaled step is graph-safe with the fused SGD (test_the_loss_scaled_step_...)
-    assert fdsl.choose_step(cfg(), fdsl.Machine(torch.device("cuda"), torch.float16)) == "graph"
     for machine, args, words in [(fdsl.Machine(torch.device("cuda"), torch.bfloat16, 0, 2), [], "torchrun"),
-                                 (cuda, ["--whiten", "eigh"], "eigh")]:
+                                 (cuda, ["--whiten", "eigh"], "eigh"),
+                                 (fdsl.Machine(torch.device("cuda"), torch.float16), [], "GradScaler")]:
         assert fdsl.choose_step(cfg(*args), machine) == "eager"
         out = capsys.readouterr().out
         assert words in out and out.count("\n") == 1
@@ -1188,8 +1282,8 @@ def test_resume_through_the_graph_ready_step_equals_the_uninterrupted_run(tmp_pa
     assert losses("b") == losses("a") and resumed["knn_acc"] == straight["knn_acc"]
 
 
-def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkeypatch, capsys):
-    eager = fdsl.main(SHORT + ["--whiten", "newton", "--out", str(tmp_path / "eager")])
+def test_a_failed_capture_continues_eagerly_from_the_same_state(eager_newton_run, tmp_path, monkeypatch, capsys):
+    eager, eager_dir = eager_newton_run
 
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -1201,9 +1295,63 @@ def test_a_failed_capture_continues_eagerly_from_the_same_state(tmp_path, monkey
     assert len(notes) == 1 and "stream is capturing" in notes[0] and "eager step" in notes[0]
     assert fell_back["train_step"] == "eager" and fell_back["whiten_method"] == "newton"
     assert fell_back["knn_acc"] == eager["knn_acc"] and fell_back["linear_acc"] == eager["linear_acc"]
-    losses = lambda name: [r["loss"] for r in fdsl.read_log(tmp_path / name / "log.jsonl")]
-    assert losses("fallback") == losses("eager")  # no step lost, the warm-up undone
+    losses = lambda d: [r["loss"] for r in fdsl.read_log(d / "log.jsonl")]
+    assert losses(tmp_path / "fallback") == losses(eager_dir)  # no step lost, the warm-up undone
     assert json.loads((tmp_path / "fallback" / "config.json").read_text())["train_step"] == "eager"
+
+
+def fake_capture(replay_does):
+    """capture_graph's stand-in on a CPU: the "replay" runs the step eagerly (what a good graph does),
+    does nothing, or steps twice while reporting the first loss (an update applied otherwise)."""
+    def capture(fn, generators=()):
+        out = fn()  # a real capture records without running: graph_ready_step undoes this call
+
+        def replay():
+            if replay_does != "nothing":
+                out.copy_(fn())
+                if replay_does == "twice":
+                    fn()
+        return out, replay
+    return capture
+
+
+@pytest.fixture(scope="module")
+def eager_newton_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager") / "run"
+    return fdsl.main(SHORT + ["--whiten", "newton", "--out", str(out)]), out
+
+
+def test_graph_self_check_keeps_a_replay_that_does_what_the_eager_step_does(eager_newton_run, tmp_path,
+                                                                           monkeypatch, capsys):
+    eager, eager_dir = eager_newton_run
+    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: "graph")
+    monkeypatch.setattr(fdsl, "capture_graph", fake_capture("the step"))
+    checked, real_check = [], fdsl.graph_self_check
+    monkeypatch.setattr(fdsl, "graph_self_check", lambda *a, **k: checked.append(real_check(*a, **k)))
+    capsys.readouterr()
+    graphed = fdsl.main(SHORT + ["--out", str(tmp_path / "graph")])
+    assert checked == [None] and "not used" not in capsys.readouterr().out
+    assert graphed["train_step"] == "graph" and graphed["whiten_method"] == "newton"
+    losses = lambda d: [r["loss"] for r in fdsl.read_log(d / "log.jsonl")]
+    assert losses(tmp_path / "graph") == losses(eager_dir)  # the check left no trace on the run
+    assert graphed["knn_acc"] == eager["knn_acc"] and graphed["linear_acc"] == eager["linear_acc"]
+
+
+@pytest.mark.parametrize("replay_does", ["nothing", "twice"])
+def test_graph_self_check_refuses_a_replay_that_differs_and_the_eager_step_trains_on(
+        eager_newton_run, tmp_path, monkeypatch, capsys, replay_does):
+    eager, eager_dir = eager_newton_run
+    monkeypatch.setattr(fdsl, "choose_step", lambda cfg, machine: "graph")
+    monkeypatch.setattr(fdsl, "capture_graph", fake_capture(replay_does))
+    capsys.readouterr()
+    refused = fdsl.main(SHORT + ["--out", str(tmp_path / "refused")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "CUDA graph" in line]
+    assert len(notes) == 1 and "replay differs from the eager step" in notes[0] and "eager step" in notes[0]
+    assert "parameter update off by" in notes[0]
+    assert refused["train_step"] == "eager" and refused["whiten_method"] == "newton"
+    losses = lambda d: [r["loss"] for r in fdsl.read_log(d / "log.jsonl")]
+    assert losses(tmp_path / "refused") == losses(eager_dir)  # from the restored state, no step lost
+    assert refused["knn_acc"] == eager["knn_acc"] and refused["linear_acc"] == eager["linear_acc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1304,10 +1452,22 @@ def test_spearman_is_the_correlation_of_ranks_with_ties_averaged():
 def two_d_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_d")
     args = SHORT + ["--proj-dim", "2", "--groups", "auto", "--epochs", "2", "--linear-epochs", "0"]
-    return {d: (fdsl.main(args + ["--decorr", d, "--out", str(root / d)]), root / d) for d in ("bn", "zca")}
+    linear = ["--linear-projector", "--proj-hidden", "4"]  # the authors' 2-d projector, for zca
+    return {d: (fdsl.main(args + ["--decorr", d, "--out", str(root / d)] + linear * (d == "zca")), root / d)
+            for d in ("bn", "zca")}
 
 
-def test_a_2d_run_keeps_the_layers_output_white_for_zca_and_standardized_for_bn(two_d_runs, findings_dir):
+def test_the_linear_projector_is_two_linear_maps_and_nothing_between():
+    cfg = fdsl.build_parser().parse_args(["--arch", "small", "--decorr", "none", "--linear-projector",
+                                          "--proj-hidden", "4", "--proj-dim", "2"])
+    projector = fdsl.build_model(cfg).projector
+    assert [type(m) for m in projector] == [torch.nn.Linear, torch.nn.Linear]
+    assert (projector[0].in_features, projector[0].out_features, projector[1].out_features) == (256, 4, 2)
+    default = fdsl.build_model(fdsl.build_parser().parse_args(["--arch", "small"])).projector
+    assert [type(m) for m in default] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.Linear]
+
+
+def test_a_2d_run_keeps_the_layers_output_white_for_zca_and_standardized_for_bn(two_d_runs, findings, findings_dir):
     for decorr, (_, d) in two_d_runs.items():
         assert json.loads((d / "config.json").read_text())["groups"] == 1  # auto: ceil(2 x 2 / 32)
         rows = fdsl.read_log(d / "log.jsonl")
@@ -1325,7 +1485,7 @@ def test_a_2d_run_keeps_the_layers_output_white_for_zca_and_standardized_for_bn(
     assert all("projection" not in row for row in fdsl.read_log(findings_dir / "zca" / "log.jsonl"))  # 128 axes
 
 
-def test_plot_draws_figure_2_for_2d_runs_only(two_d_runs, findings_dir, tmp_path, capsys):
+def test_plot_draws_figure_2_for_2d_runs_only(two_d_runs, findings, findings_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib is optional")
     dirs = [str(d) for _, d in two_d_runs.values()] + [str(findings_dir / "zca")]  # a 128-d run too
     fdsl.plot_runs(dirs, str(tmp_path / "cmp.png"))
@@ -1333,6 +1493,8 @@ def test_plot_draws_figure_2_for_2d_runs_only(two_d_runs, findings_dir, tmp_path
     from PIL import Image
     with Image.open(tmp_path / "cmp-2d.png") as im:  # two rows (runs), three columns (epochs 0, 1, 2)
         assert im.size[0] > im.size[1] > 300
+    with Image.open(tmp_path / "cmp-2d.gif") as gif:  # in motion: the two side by side, a frame per epoch
+        assert gif.n_frames == 3 and gif.size[0] > 1.5 * gif.size[1]
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
@@ -1372,7 +1534,7 @@ def test_help_says_every_default_in_words_that_cannot_be_misread():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert "default" in parser._get_formatter()._get_help_string(action), action.option_strings
-    assert "a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups " \
+    assert "a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups (DBN) " \
            "(default: on; this flag turns it off)" in text  # --no-shuffle
 
 
