@@ -5,7 +5,7 @@ Zhao, ICCV 2021, arXiv 2105.00470), reproduced in one file.
     python fdsl.py --decorr zca               # the paper's method (Shuffled-DBN): CIFAR-10, 200 epochs
     python fdsl.py --decorr bn                # per-axis standardization: dimensional collapse
     python fdsl.py --decorr none              # no normalization: complete collapse
-    python fdsl.py --decorr zca --no-shuffle  # fixed groups (DBN): groups become copies of one another
+    python fdsl.py --decorr zca --no-shuffle  # fixed groups, which can become copies of one another
     python fdsl.py --dataset folder --data-dir ~/cifar10-jpeg      # DIR/train and DIR/test image folders
     python fdsl.py --dataset synthetic --arch small --epochs 3 --linear-epochs 0   # 1-minute CPU check
     torchrun --nproc_per_node=4 fdsl.py --decorr zca    # several GPUs, whitening over the global batch
@@ -22,11 +22,9 @@ each group by construction, and reshuffling the groups decorrelates every pair o
 collapse of either kind, and better features. (4) How correlated the features are, measured
 without labels, tells good representations from bad ones.
 
-Part one is the method, in the paper's order: 1 recipe, 2 data, 3 augmentations, 4 the paper's
-layers, 5 model, 6 loss, 7 collapse metrics, 8 evaluation, 9 training, 10 main. The appendices are
-machinery, skippable on a first reading: A numerics of C^(-1/2) (the layers' copy takes its block
-too: the lines between "# --- copy from here" and "# --- copy to here"), B devices and GPUs, C the
-fast path, D settings and run files, E data readers and augmentation kernels, F tools.
+Part one is the method in the paper's order, sections 1 to 10. The appendices A to F are machinery,
+skippable on a first reading (A, the numerics of C^(-1/2), goes with the layers when they are copied:
+the lines between "# --- copy from here" and "# --- copy to here").
 """
 
 import argparse
@@ -74,7 +72,7 @@ RECIPE = {  # setting: (default, what it means)
     "proj_dim": (512, "projector output width D"),
     "decorr": ("zca", "the layer after the projector: none | bn (standardize each axis) | zca (whiten groups of axes)"),
     "groups": (16, "zca: whiten G groups of D/G axes (1: full ZCA); auto: the authors' ceil(2D / N), if it divides D"),
-    "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups (DBN)"),
+    "shuffle": (True, "zca: a new random grouping of the axes at every call (Shuffled-DBN); off: fixed groups"),
     "eps": (1e-8, "[fdsl] whitening regularizer, relative to each group's mean variance (the authors': none)"),
     "whiten": ("auto", "[fdsl] how W is computed: eigh | newton | auto (newton if a CUDA graph is planned)"),
     "whiten_dtype": ("float64", "[fdsl] the layer's statistics and W (float32 on Apple MPS; the authors: float32)"),
@@ -99,10 +97,9 @@ RECIPE = {  # setting: (default, what it means)
 
 # =============================================================================================
 # 2. Data
-# The images sit on the device as uint8 tensors, moved there once (the training images, the
-# evaluation view of the training and test images, the metric images: images_on_device, Appendix
-# B). A batch is a random gather from the training images, so no DataLoader or CPU worker sits in
-# the training loop.
+# The images sit on the device as uint8 tensors, moved there once (training, evaluation views and
+# metric images: images_on_device, Appendix B). A batch is a random gather from the training images:
+# no DataLoader or CPU worker sits in the training loop.
 # =============================================================================================
 
 
@@ -150,9 +147,8 @@ def augment(x, generator=None):
 
 
 def eval_transform(x, chunk=4096):
-    """The authors' evaluation view, made once: Resize(int(size x 8/7), bicubic) then
-    CenterCrop(size): 36 then 32 pixels for CIFAR, 73 for 64 (antialiased, as PIL).
-    x: N x 3 x H x H uint8 -> same."""
+    """The authors' evaluation view, made once: Resize(int(size x 8/7), bicubic, antialiased as PIL), then
+    CenterCrop(size): 36 then 32 pixels for CIFAR, 73 for 64. x: N x 3 x H x H uint8 -> same."""
     size, big = x.shape[-1], int(x.shape[-1] * 8 / 7)
     bicubic = torchvision.transforms.InterpolationMode.BICUBIC
     crop = lambda t: TF.center_crop(TF.resize(t, [big, big], interpolation=bicubic, antialias=True), [size, size])
@@ -164,8 +160,7 @@ def eval_transform(x, chunk=4096):
 # Standardizing each axis (BN) stops complete collapse but lets the axes stay correlated, so the
 # output can collapse onto a few directions. Whitening makes the covariance of each group of axes
 # the identity over the batch; reshuffling the groups at every call extends that to every pair of
-# axes over training. Both layers copy out: this block and Appendix A's, below the five imports
-# README names, are all they need.
+# axes over training. Both copy out: this block and Appendix A's, under five imports (README).
 # =============================================================================================
 
 # --- copy from here: the paper's layers (Appendix A's block too) -----------------------------
@@ -173,15 +168,15 @@ def eval_transform(x, chunk=4096):
 
 class Standardize(nn.Module):
     """Per-axis standardization over the batch, no affine: the paper's "BN" (finding 2). x: N x D ->
-    (x - mean) / std per axis, the batch's mean and biased std, in `dtype` outside autocast: what the
-    authors' BatchNorm (eps 0, no affine) computes in training (an axis of zero variance: 0 here, NaN
-    there). Unlike nn.BatchNorm1d(affine=False): no eps (its 1e-5 on the variance lets a shrinking
-    input give a shrinking output), and the batch's statistics in eval mode too (no running averages;
-    the authors' keep them for eval mode, which no evaluation reads). global_batch: GroupWhitening's."""
+    (x - mean) / std per axis with the batch's mean and biased std, in `dtype` outside autocast, as
+    the authors' BatchNorm (eps 0, no affine) in training (a constant axis: 0 here, NaN there).
+    Unlike nn.BatchNorm1d(affine=False): no eps (its 1e-5 lets a shrinking input shrink the output)
+    and the batch's statistics in eval mode too (no running averages). global_batch: GroupWhitening's."""
 
     def __init__(self, num_features, dtype=torch.float64, global_batch=False):
         super().__init__()
-        self.num_features, self.dtype, self.global_batch = num_features, check_dtype(dtype), global_batch
+        check_settings(dtype)
+        self.num_features, self.dtype, self.global_batch = num_features, dtype, global_batch
 
     def extra_repr(self):
         return f"{self.num_features}, dtype={self.dtype}, global_batch={self.global_batch}"
@@ -210,29 +205,19 @@ class GroupWhitening(nn.Module):
     evaluation), puts every pair of axes in one group now and then: over training, every pair is
     decorrelated. N centred samples span N - 1 directions, so a group must be smaller than the
     batch (the layer refuses S >= N): groups keep C well conditioned at small batches.
-    groups=1: full ZCA; shuffle=False: fixed groups (DBN, "decorrelated batch norm"; with one group,
-    the authors' "DBN"). eps: relative to m (whitening_matrix says why); eps=0: the authors' layer (no
-    eps) up to the floor e, 7e-15 for S = 32 in float64. The batch's statistics in train and eval mode
-    (no running averages, as the authors'), in `dtype` (float32 or float64), outside autocast; z in x's
-    dtype. method: eigh (a NaN in x: an error that says so) or newton (the same z to 1e-7 in float64,
-    Appendix A; it cannot look for a NaN without waiting for the device, so a NaN in x makes its
-    group's outputs NaN: watch the loss, as fdsl's training loop does). global_batch: in train mode,
-    over every process's samples (torchrun; each holds N). last_perm: the last permutation (None
-    unshuffled), from x's device's default generator."""
+    groups=1: full ZCA (the authors' "DBN"); shuffle=False: fixed groups. eps: relative to m
+    (whitening_matrix says why); 0: the authors' layer, up to the floor e (7e-15 for S = 32, float64).
+    The batch's statistics in train and eval mode (no running averages, as the authors'), in `dtype`
+    (float32 or float64) outside autocast; z in x's dtype. method: eigh (a NaN in x: an error saying
+    so) or newton (in float64 the same z to 1e-7; a NaN in x makes its group's outputs NaN, as looking
+    would wait for the device: watch the loss, as fdsl's loop does). global_batch: in train mode, over
+    every process's samples (torchrun). last_perm: the last permutation, None unshuffled."""
 
     def __init__(self, num_features, groups=16, shuffle=True, eps=1e-8, dtype=torch.float64, method="eigh",
                  global_batch=False):
         super().__init__()
-        if not isinstance(groups, int) or isinstance(groups, bool):
-            raise TypeError(f"groups must be an int, not {groups!r}" + "; 'auto' is fdsl's command-line rule, "
-                            "groups = ceil(2 D / N) for a batch of N: math.ceil(2 * num_features / N)" *
-                            (groups == "auto"))
-        if groups < 1 or num_features % groups:
-            raise ValueError(f"groups={groups} must divide num_features={num_features}")
-        if method not in ("eigh", "newton") or eps < 0:
-            raise ValueError(f"method must be 'eigh' or 'newton' (not {method!r}) and eps >= 0 (not {eps})")
-        self.num_features, self.groups, self.eps, self.method = num_features, groups, eps, method
-        self.dtype = check_dtype(dtype)
+        check_settings(dtype, num_features, groups, eps, method)
+        self.num_features, self.groups, self.eps, self.method, self.dtype = num_features, groups, eps, method, dtype
         self.shuffle = shuffle and 1 < groups < num_features  # one group, or groups of one: order is moot
         self.global_batch, self.last_perm = global_batch, None
 
@@ -241,7 +226,9 @@ class GroupWhitening(nn.Module):
                 f"dtype={self.dtype}, method={self.method!r}, global_batch={self.global_batch}")
 
     def forward(self, x):
-        n, d, sync = self.check(x)
+        sync = self.global_batch and self.training
+        check_features(x, self.num_features, sync, group_size=self.num_features // self.groups)
+        n, d = x.shape
         with outside_autocast(x):
             h = x.to(self.dtype)
             perm = torch.randperm(d, device=x.device) if self.shuffle else None  # drawn on the device
@@ -255,16 +242,6 @@ class GroupWhitening(nn.Module):
                 z = z.index_select(1, perm.argsort())  # every axis back to its own place
         self.last_perm = perm
         return z.to(x.dtype)
-
-    def check(self, x):
-        """-> (N, D, whether the statistics span every process); refuses what cannot be whitened."""
-        sync = self.global_batch and self.training
-        samples, group_size = check_features(x, self.num_features, sync), self.num_features // self.groups
-        if group_size >= samples:
-            raise ValueError(f"groups of {group_size} axes need more than {group_size} samples, got {samples}: "
-                             f"N samples span N - 1 directions, so the covariance would be singular; use more "
-                             f"groups (of fewer than {samples} axes) or a larger batch")
-        return len(x), x.shape[1], sync
 
 
 def whitening_matrix(cov, eps, method="eigh"):
@@ -301,8 +278,7 @@ def resnet18_cifar():
     classifier removed. N x 3 x 32 x 32 -> N x 512."""
     net = torchvision.models.resnet18()
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 32 px images: keep the resolution
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
     return net, 512
 
 
@@ -357,8 +333,7 @@ def build_model(cfg, whiten="eigh", dtype=torch.float64, world=1):
               "bn": lambda: Standardize(cfg.proj_dim, dtype, world > 1),  # finding 2: dimensional collapse
               "zca": lambda: GroupWhitening(cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps, dtype, whiten,
                                             world > 1)}  # finding 3: neither
-    norm = layers[cfg.decorr]()
-    pred = mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor else None
+    norm, pred = layers[cfg.decorr](), mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor else None
     projector = mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.linear_projector)
     return SiameseNet(backbone, feat_dim, projector, norm, pred)
 
@@ -373,8 +348,7 @@ def siamese_loss(p1, p2, z1, z2, kind="l2", stop_grad=False):
     l2: mean over the batch of ||p - z||^2 (the paper's loss; with no predictor, mean
     ||z1 - z2||^2, of order D once whitened). cosine: minus the cosine similarity (SimSiam).
     stop_grad: the target z gets no gradient. p, z: N x D -> scalar."""
-    if stop_grad:
-        z1, z2 = z1.detach(), z2.detach()
+    z1, z2 = (z1.detach(), z2.detach()) if stop_grad else (z1, z2)
 
     def distance(p, z):
         p, z = p.float(), z.float()
@@ -402,8 +376,7 @@ def collapse_metrics(feats):
       spectrum      covariance eigenvalues, descending, divided by the largest (D floats).
     -> a dict of Python floats (spectrum: a list of them)."""
     f = as_float64(feats.detach())  # Apple MPS has no float64: there on the CPU (Appendix B)
-    n, d = f.shape
-    std = f.std(0, correction=0)
+    (n, d), std = f.shape, f.std(0, correction=0)
     std_l2 = F.normalize(f, dim=1).std(0, correction=0)  # F.normalize: each row to unit length
     fc = f - f.mean(0)
     cov = fc.T @ fc / n
@@ -416,8 +389,7 @@ def collapse_metrics(feats):
     sv = (evals * n).sqrt()
     if sv.sum() > 0:
         q = sv / sv.sum()
-        eff_rank = torch.exp(-(q * q.clamp_min(1e-300).log()).sum())
-        spectrum = evals / evals[0]
+        eff_rank, spectrum = torch.exp(-(q * q.clamp_min(1e-300).log()).sum()), evals / evals[0]
     else:
         eff_rank, spectrum = torch.zeros(()), torch.zeros(d)
     return {"std": std.mean().item(), "std_l2": std_l2.mean().item(), "corr_strength": corr.item(),
@@ -475,8 +447,7 @@ def linear_accuracy(backbone, feat_dim, train_set, test_set, num_classes, epochs
     RandomResizedCrop(scale 0.08-1, bicubic) + flip drawn anew each epoch. train_set, test_set:
     (this process's uint8 images, all labels), the test images in the evaluation view. -> percent."""
     gen = torch.Generator(device=machine.device).manual_seed(seed + PROBE_SEED_STRIDE * (machine.rank + 1))
-    order_gen = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(feat_dim, num_classes).to(machine.device)
+    order_gen, clf = torch.Generator().manual_seed(seed), nn.Linear(feat_dim, num_classes).to(machine.device)
     opt = torch.optim.SGD(clf.parameters(), lr=30.0, momentum=0.9, weight_decay=0.0)
     n, labels = len(train_set[1]), train_set[1].to(machine.device)
     steps = max(1, math.ceil(n / 256)) * epochs
@@ -592,8 +563,7 @@ def train_one_epoch(tr, step, train_x, epoch):
     order = reseed_epoch(tr, epoch, len(train_x))  # every random stream from (seed, epoch): --resume is exact
     tr.model.train()
     loss_sum = torch.zeros((), device=machine.device)
-    bar = progress_bar(range(steps), f"epoch {epoch}/{cfg.epochs}", cfg, machine)
-    t0 = synced_clock()
+    bar, t0 = progress_bar(range(steps), f"epoch {epoch}/{cfg.epochs}", cfg, machine), synced_clock()
     for i in bar:
         try:
             loss_sum += step(train_x[order[i * batch_size:(i + 1) * batch_size]])
@@ -652,10 +622,9 @@ def main(argv=None):
         tr = build_trainer(cfg, machine, len(images.train) // (cfg.batch_size // machine.world),
                            whitening_method(cfg, step_kind))  # --whiten auto: newton if a graph is planned
         run = open_run(cfg, machine, data, images, tr)  # run folder; --resume: the checkpoint (Appendix D)
-        # The step that trains: train_step, or train_step recorded once as a CUDA graph and replayed,
-        # faster where kernels are small. It is the same step but for the whitening's method (newton
-        # where the eager step uses eigh: in float64 the same output to about 1e-7) and SGD's fused
-        # kernel, and it must match an eager step before training, else the eager step trains (Appendix C).
+        # The step: train_step, or train_step recorded once as a CUDA graph and replayed (the same step
+        # but for the whitening's method, newton for eigh: in float64 the same output to about 1e-7; it
+        # must match an eager step before training, else the eager step trains: Appendix C).
         step = cuda_graph(train_step, tr, images.train) if step_kind == "graph" else lambda x: train_step(tr, x)
         log_start(run)  # config.json, the run's description, the table's header (Appendix D)
         return finish_run(run, train(run, step))  # linear probe and results.json (Appendix D)
@@ -670,9 +639,9 @@ def main(argv=None):
 # --- copy from here: what the layers need besides section 4 ----------------------------------
 
 
-def whitening_eps(eps, size, dtype):
-    """eps, raised to size x machine epsilon, by which rounding moves C / m's eigenvalues (3.8e-6: 32, float32)."""
-    return max(eps, size * torch.finfo(dtype).eps)
+def whitening_eps(eps, group_size, dtype):
+    """eps, raised to group_size x machine epsilon, as rounding moves C / m's eigenvalues (3.8e-6: 32, float32)."""
+    return max(eps, group_size * torch.finfo(dtype).eps)
 
 
 def inverse_sqrt(a, floor, method="eigh"):
@@ -722,16 +691,15 @@ class _InvSqrtEigh(torch.autograd.Function):
     def backward(ctx, grad):
         u, s = ctx.saved_tensors
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
-        k = -1.0 / (si * sj * (si + sj))
-        g = u.mT @ (0.5 * (grad + grad.mT)) @ u
+        k, g = -1.0 / (si * sj * (si + sj)), u.mT @ (0.5 * (grad + grad.mT)) @ u
         return u @ (k * g) @ u.mT, None
 
 
-def newton_scales(size, eps, dtype):
+def newton_scales(group_size, eps, dtype):
     """Scaled Newton-Schulz (Chen and Chow, 2014): with x^2 an eigenvalue of ZY, a step scaled by a maps x
     to h(a x), h(t) = (3t - t^3) / 2; x starts in [b, 1], b^2 = eps / (S (1 + eps)), and a = sqrt(3 / (1 +
     b + b^2)) gives h(a b) = h(a), the best a cubic can do. 16 steps for 32 axes at 1e-8 in float64."""
-    lo, scales = math.sqrt(eps / (size * (1 + eps))), []
+    lo, scales = math.sqrt(eps / (group_size * (1 + eps))), []
     while 1 - lo > torch.finfo(dtype).eps:
         a = math.sqrt(3 / (1 + lo + lo * lo))
         scales.append(a)
@@ -743,8 +711,7 @@ def inverse_sqrt_newton(a, scales):
     """A^(-1/2) of symmetric positive definite ... x S x S matrices by coupled Newton-Schulz (Higham 2008,
     eq. 6.35), scaled by c, with R = (I - c^2 ZY) / 2 (Y, Z kept symmetric: half the float32 rounding):
         Y_0 = A / tr(A),  Z_0 = I,   Y <- c (Y + Y R),   Z <- c (Z + R Z)   (Z -> (A / tr A)^(-1/2))"""
-    size = a.shape[-1]
-    eye = torch.eye(size, dtype=a.dtype, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     y, z = a / trace, eye.expand_as(a)
     for c in scales:
@@ -754,16 +721,23 @@ def inverse_sqrt_newton(a, scales):
     return z * trace.rsqrt()
 
 
-def check_dtype(dtype):
-    """The layers' compute dtype, if it is float32 or float64."""
+def check_settings(dtype, num_features=1, groups=1, eps=0.0, method="eigh"):
+    """Refuses the layers' settings that cannot work."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype={dtype}: the layer's statistics and W need float32 or float64 (torch's "
                          f"eigendecomposition has no half-precision kernels); half-precision inputs are fine")
-    return dtype
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"groups must be an int, not {groups!r}" + "; 'auto' is fdsl's command-line rule, "
+                        "groups = ceil(2 D / N) for a batch of N: math.ceil(2 * num_features / N)" * (groups == "auto"))
+    if groups < 1 or num_features % groups:
+        raise ValueError(f"groups={groups} must divide num_features={num_features}")
+    if method not in ("eigh", "newton") or eps < 0:
+        raise ValueError(f"method must be 'eigh' or 'newton' (not {method!r}) and eps >= 0 (not {eps})")
 
 
-def check_features(x, num_features, global_batch):
-    """-> the samples the statistics span; refuses what neither layer can normalize."""
+def check_features(x, num_features, global_batch, group_size=1):
+    """Refuses what the layers cannot normalize: N samples (over every process with global_batch) span
+    N - 1 directions, so a group of S axes needs N > S samples, or its covariance is singular."""
     if x.dim() != 2 or x.shape[1] != num_features:
         raise ValueError(f"expected N x {num_features} features (one view per call), got {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
@@ -773,7 +747,10 @@ def check_features(x, num_features, global_batch):
     if samples < 2:
         raise ValueError(f"a batch of {samples}: the layer normalizes with the batch's statistics (in eval mode "
                          f"too), which need at least 2 samples; call it on a batch")
-    return samples
+    if group_size >= samples:
+        raise ValueError(f"groups of {group_size} axes need more than {group_size} samples, got {samples}: N "
+                         f"samples span N - 1 directions, so the covariance would be singular; use more groups "
+                         f"(of fewer than {samples} axes) or a larger batch")
 
 
 def world_size():
@@ -860,9 +837,8 @@ def setup_machine(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32
-        # TF32 matmuls stay off: the float32 ones are the whitening's and the metrics' (full precision).
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True  # convolutions under --precision fp32; TF32 matmuls stay off:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the float32 ones are the whitening's and the metrics'
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     prec = autocast_precision(device) if cfg.precision == "auto" else cfg.precision
@@ -886,11 +862,9 @@ def as_float64(z):
 
 def eps_advice(layer):
     """A smaller --eps, unless eps is at its floor for the layer's dtype (float32: 3.8e-6 for groups of 32)."""
-    floor = whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype)
-    if layer.eps > floor:
-        return "try a smaller --eps"
-    return "eps is at float64's floor" if layer.dtype == torch.float64 else "eps is at float32's floor: use " \
-        "--whiten-dtype float64 (Apple MPS has none)"
+    at_floor = layer.eps <= whitening_eps(0.0, layer.num_features // layer.groups, layer.dtype)
+    return "try a smaller --eps" if not at_floor else "eps is at float64's floor" if layer.dtype == torch.float64 \
+        else "eps is at float32's floor: use --whiten-dtype float64 (Apple MPS has none)"
 
 
 def print0(machine, *args):
@@ -900,8 +874,7 @@ def print0(machine, *args):
 
 
 def progress_bar(iterable, desc, cfg, machine):
-    return tqdm(iterable, desc=desc, disable=not (cfg.progress and machine.is_main), leave=False,
-                dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, disable=not (cfg.progress and machine.is_main), leave=False, dynamic_ncols=True)
 
 
 def synced_clock():
@@ -919,15 +892,15 @@ def network_input(x, machine):
 
 
 @torch.no_grad()
-def train_mode_outputs(net, x, batch, machine, n_total):
-    """Projector output y and z = norm(y) of uint8 images x as in training: train mode, training batches,
-    on a copy (the running averages must not move). -> (y, z), n_total x D, every process's images."""
+def train_mode_outputs(net, x, batch_size, machine, n_total):
+    """Projector output h and z = norm(h) of uint8 images x as in training: train mode, training batches,
+    on a copy (the running averages must not move). -> (h, z), n_total x D, every process's images."""
     probe = copy.deepcopy(net).train()
     with machine.autocast():
-        ys = [probe.project(network_input(xb, machine)).float() for xb in x.split(batch)]
-    check_finite("the projector's outputs", ys)  # a diverged network must stop here, not fail in eigh
-    zs = [probe.norm(y) for y in ys]
-    return gather_shards(torch.cat(ys), n_total), gather_shards(torch.cat(zs), n_total)
+        hs = [probe.project(network_input(xb, machine)).float() for xb in x.split(batch_size)]
+    check_finite("the projector's outputs", hs)  # a diverged network must stop here, not fail in eigh
+    zs = [probe.norm(h) for h in hs]
+    return gather_shards(torch.cat(hs), n_total), gather_shards(torch.cat(zs), n_total)
 
 
 @dataclass
@@ -957,9 +930,8 @@ def gather_shards(t, n_total):
     """Inverse of `x[rank::world]`: every process gets every process's rows, in their order."""
     if world_size() == 1:
         return t
-    world = dist.get_world_size()
-    padded = t.new_zeros(-(-n_total // world), *t.shape[1:])  # every shard as long as the longest
-    padded[: len(t)] = t
+    world, padded = dist.get_world_size(), t.new_zeros(-(-n_total // dist.get_world_size()), *t.shape[1:])
+    padded[: len(t)] = t  # every shard as long as the longest
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     out = t.new_empty(n_total, *t.shape[1:])
@@ -996,7 +968,7 @@ def wrap_for_processes(net, cfg, machine):
 
 
 # =============================================================================================
-# Appendix C. The fast path: the training step as one CUDA graph      (skippable: the same step)
+# Appendix C. The fast path: the training step as one CUDA graph      (skippable: section 9, replayed)
 # A GPU step is hundreds of small kernels launched from Python; a CUDA graph replays them with one launch,
 # if the step never waits for the host, reuses its tensors and draws only from generators the graph knows.
 # Before training, the replay proves itself against the eager step, or the eager step trains.
@@ -1015,16 +987,14 @@ def choose_step(cfg, machine):
     generator."""
     if machine.device.type != "cuda" or not cfg.graph:
         return "eager"
-    why = None
-    if machine.amp_dtype == torch.float16:
-        why = "fp16 trains with torch's loss scaler (torch.amp.GradScaler), which checks for inf on the host " \
-              "every step: eager step, no CUDA graph"
-    elif machine.world > 1:
-        why = "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"
-    elif cfg.decorr == "zca" and cfg.whiten == "eigh":
-        why = "--whiten eigh waits for the host, which a CUDA graph cannot hold: eager step"
-    elif not graphs_replay_generators():  # torch 2.11-2.13 register a custom generator, 2.14 on its own
-        why = f"torch {torch.__version__} cannot replay the augmentation's generator in a graph: eager step"
+    why = next((why for no, why in [
+        (machine.amp_dtype == torch.float16, "fp16 trains with torch's loss scaler (torch.amp.GradScaler), which "
+                                             "checks for inf on the host every step: eager step, no CUDA graph"),
+        (machine.world > 1, "under torchrun each step runs eagerly (the CUDA graph is built for one GPU)"),
+        (cfg.decorr == "zca" and cfg.whiten == "eigh", "--whiten eigh waits for the host, which a CUDA graph "
+                                                       "cannot hold: eager step"),
+        (not graphs_replay_generators(), f"torch {torch.__version__} cannot replay the augmentation's generator "
+                                         f"in a graph: eager step")] if no), None)
     if why:
         print0(machine, f"note: {why}")
     return "eager" if why else "graph"
@@ -1045,21 +1015,10 @@ def cuda_graph(step_fn, tr, train_x, capture=True):
     buffer and replays augmentation, forward, loss, backward and SGD; the warm-up is undone, and the replay
     has matched an eager step (graph_self_check). A failed capture or check: one line why, then step_fn
     eagerly from the same state. capture=False: all but the capture and the check (the CPU tests)."""
-    try:
-        step = graph_ready_step(step_fn, tr, train_x[: tr.cfg.batch_size // tr.machine.world], capture)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        print0(tr.machine, f"note: the CUDA graph is not used ({type(e).__name__}: {reason}); "
-                           f"continuing with the eager step")
-        return lambda x: step_fn(tr, x)
-    tr.step_kind, tr.graph_holds = "graph" if capture else "eager", graph_inputs(tr)
-    return step
-
-
-def graph_ready_step(step_fn, tr, batch, capture):
-    device, static_x = tr.machine.device, torch.zeros_like(batch)
-    restore = snapshot(tr)
-    graph_optimizer(tr.opt, device)
+    device, restore, batch = tr.machine.device, snapshot(tr), train_x[: tr.cfg.batch_size // tr.machine.world]
+    static_x = torch.zeros_like(batch)
+    for g in tr.opt.param_groups:  # SGD as a graph holds it: the lr a 0-dim device tensor LambdaLR fills in place,
+        g["lr"], g["fused"], g["foreach"] = torch.tensor(float(g["lr"]), device=device), True, False  # fused kernel
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warm_up(lambda: step_fn(tr, static_x), device)
@@ -1068,10 +1027,14 @@ def graph_ready_step(step_fn, tr, batch, capture):
             if replay is not None:
                 static_x.copy_(batch)
                 graph_self_check(tr, lambda: step_fn(tr, static_x), lambda: (replay(), static_loss)[1], restore)
-    except BaseException:
+    except Exception as e:
         restore()
         eager_optimizer(tr.opt.param_groups)
-        raise
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print0(tr.machine, f"note: the CUDA graph is not used ({type(e).__name__}: {reason}); "
+                           f"continuing with the eager step")
+        return lambda x: step_fn(tr, x)
+    tr.step_kind, tr.graph_holds = "graph" if capture else "eager", graph_inputs(tr)
 
     def step(x):
         if x.shape != static_x.shape:  # copy_ would broadcast a smaller batch silently
@@ -1148,14 +1111,6 @@ def snapshot(tr):
         for t, value in held:
             t.copy_(value)
     return restore
-
-
-def graph_optimizer(opt, device):
-    """SGD as a graph holds it: the lr a 0-dim device tensor (LambdaLR fills it in place), read by the
-    fused kernel (foreach SGD breaks the capture)."""
-    for g in opt.param_groups:
-        g["lr"] = torch.tensor(float(g["lr"]), device=device)
-        g["fused"], g["foreach"] = True, False
 
 
 def eager_optimizer(param_groups):
@@ -1238,9 +1193,8 @@ def add_other_flags(data, arg):
     data("--image-size", type=int, default=32, help="folder and synthetic images are made this size (default: 32)")
     data("--train-subset", type=int, default=0, help="train on N class-balanced images (default: 0, all)")
     data("--test-subset", type=int, default=0, help="evaluate on N class-balanced images (default: 0, all)")
-    arg("--out", default="", help="output folder; default: runs/<dataset>-<decorr>-<date>-<time> (with --plot: "
-                                  "the figure, default comparison.png beside the runs; with --benchmark: "
-                                  "where its table is kept, default: not kept)")
+    arg("--out", default="", help="output folder; default: runs/<dataset>-<decorr>-<date>-<time> (--plot: the figure, "
+                                  "default comparison.png beside the runs; --benchmark: its table, default: not kept)")
     arg("--resume", default="", metavar="DIR", help="continue the run in DIR (default: start a new run)")
     arg("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto: CUDA, MPS, or CPU")
     arg("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -1264,13 +1218,11 @@ def check_config(cfg, world=1):
                          f"evenly over the {world} process(es)")
     if cfg.benchmark and world > 1:
         raise UsageError("--benchmark times one process; run it without torchrun")
-    for name, least in {**dict.fromkeys(("epochs", "proj_dim", "proj_hidden", "pred_hidden", "knn_k",
-                                         "metric_samples", "benchmark_steps"), 1), "image_size": 8}.items():
+    for name, least in {**dict.fromkeys(("epochs", "proj_dim", "proj_hidden", "pred_hidden", "knn_k", "metric_samples",
+                                         "benchmark_steps"), 1), "image_size": 8, **dict.fromkeys((
+            "train_subset", "test_subset", "eval_every", "linear_epochs", "warmup_epochs", "eps"), 0)}.items():
         if getattr(cfg, name) < least:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}")
-    for name in ("train_subset", "test_subset", "eval_every", "linear_epochs", "warmup_epochs", "eps"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+            raise UsageError(f"--{name.replace('_', '-')} must {f'be at least {least}' if least else 'be 0 or more'}")
     how = f"--groups {cfg.groups}"
     if cfg.groups == "auto":  # the authors' rule: groups of about half the batch
         cfg.groups = math.ceil(2 * cfg.proj_dim / cfg.batch_size)
@@ -1279,7 +1231,7 @@ def check_config(cfg, world=1):
         if cfg.groups < 1 or cfg.proj_dim % cfg.groups:
             raise UsageError(f"{how} does not divide --proj-dim {cfg.proj_dim}")
         size = cfg.proj_dim // cfg.groups
-        if size >= cfg.batch_size:  # a singular covariance (GroupWhitening.check says why)
+        if size >= cfg.batch_size:  # a singular covariance (check_features says why)
             raise UsageError(f"{how}: group size {size} (= {cfg.proj_dim}/{cfg.groups}) must be smaller than "
                              f"the batch {cfg.batch_size}; use more --groups or a larger --batch-size")
 
@@ -1297,8 +1249,8 @@ def resolve_config(argv):
         for name in ("checkpoint.pt", "config.json"):
             if not os.path.isfile(os.path.join(cfg.resume, name)):
                 raise UsageError(f"--resume {cfg.resume}: no {name} there, so it is not an fdsl run folder")
-        saved = parser.parse_args([])  # defaults first: a run saved before a flag existed still loads
-        config = read_json(os.path.join(cfg.resume, "config.json"))
+        # defaults first: a run saved before a flag existed still loads
+        saved, config = parser.parse_args([]), read_json(os.path.join(cfg.resume, "config.json"))
         vars(saved).update({k: v for k, v in config.items() if k in vars(saved)})
         vars(saved).update(resume=cfg.resume, out=cfg.resume, progress=cfg.progress, device=cfg.device,
                            graph=cfg.graph, command=config.get("command", cfg.command))
@@ -1311,8 +1263,7 @@ def resolve_config(argv):
 def command_line(argv=None):
     """Yields the settings; bad input: one line, exit 2; divergence: exit 1; Ctrl-C: exit 130, how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    say = (lambda text: print(text, file=sys.stderr)) if process_ranks()[0] == 0 else (lambda text: None)
-    cfg = None
+    say, cfg = (lambda text: print(text, file=sys.stderr)) if process_ranks()[0] == 0 else (lambda text: None), None
     try:
         cfg = resolve_config(argv)
         yield cfg
@@ -1361,8 +1312,12 @@ def open_run(cfg, machine, data, images, tr):
     run = Run(cfg, machine, data, images, tr)
     if cfg.resume:
         state = load_checkpoint(run.path("checkpoint.pt"), machine.device)
-        for part, obj in (("model", tr.net), ("optimizer", tr.opt), ("scheduler", tr.sched), ("scaler", tr.scaler)):
-            obj.load_state_dict(state[part])
+        try:
+            for part, obj in (("model", tr.net), ("optimizer", tr.opt), ("scheduler", tr.sched), ("scaler", tr.scaler)):
+                obj.load_state_dict(state[part])
+        except (RuntimeError, ValueError, KeyError) as e:  # another network: another version of fdsl.py made it
+            raise UsageError(f"{run.path('checkpoint.pt')} does not fit this network ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]})") from None
         run.start, run.elapsed = state["epoch"], state["elapsed"]
     return run
 
@@ -1379,8 +1334,7 @@ def settings_notes(cfg, machine, tr):
     if cfg.warmup_epochs >= cfg.epochs:
         yield (f"the {cfg.warmup_epochs:g}-epoch warm-up is not shorter than the {cfg.epochs}-epoch run: the "
                f"learning rate never reaches its peak (--warmup-epochs sets it)")
-    norm = tr.net.norm
-    if isinstance(norm, GroupWhitening) and norm.dtype == torch.float32:
+    if isinstance(tr.net.norm, GroupWhitening) and tr.net.norm.dtype == torch.float32:
         yield ("the whitening runs in float32" + " (Apple MPS has no float64)" * (device.type == "mps") + ": its "
                "eps is at least S x 1.2e-7 (3.8e-6 for groups of 32), near where eps damps directions, and "
                "Newton-Schulz leaks up to 6e-3 into null directions (docs/notes.md); watch for 'not white'")
@@ -1428,8 +1382,8 @@ def current_lr(opt):
     return float(opt.param_groups[0]["lr"])  # a float, or a 0-dim tensor in the graph step
 
 
-# Random streams, re-seeded from (seed, epoch, stream, rank) every epoch: a resumed run draws what the
-# uninterrupted one would. The primes exceed what they separate (ranks < 101, streams < 10, epochs < 1,000,003).
+# Random streams, re-seeded from (seed, epoch, stream, rank) every epoch: a resumed run draws what the uninterrupted
+# one would. Distinct while stream x 101 + rank < 1009 (ranks < 101, streams < 9) and epochs < 1,000,003.
 SHUFFLE_STREAM, ORDER_STREAM, AUGMENT_STREAM = 0, 1, 2
 PROBE_SEED_STRIDE = 7919  # a prime: each process's linear-probe crops get a stream of their own
 
@@ -1458,9 +1412,8 @@ def save_checkpoint(run, epoch):
         eager_optimizer(opt_state["param_groups"])
         state = {"model": tr.net.state_dict(), "optimizer": opt_state, "scheduler": tr.sched.state_dict(),
                  "scaler": tr.scaler.state_dict(), "epoch": epoch, "elapsed": run.elapsed, "config": vars(run.cfg)}
-        tmp = run.path("checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, run.path("checkpoint.pt"))  # a crash mid-write keeps the previous one
+        torch.save(state, run.path("checkpoint.pt.tmp"))
+        os.replace(run.path("checkpoint.pt.tmp"), run.path("checkpoint.pt"))  # a crash mid-write keeps the last
 
 
 def load_checkpoint(path, device):
@@ -1471,8 +1424,8 @@ def load_checkpoint(path, device):
         refused = "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"
         raise UsageError(f"{path}: " + ("it holds objects other than tensors and numbers, which could run code; "
                                         "refused" if refused else f"damaged, or no checkpoint ({type(e).__name__})"))
-    if missing := {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - set(state if isinstance(
-            state, dict) else ()):
+    keys = set(state) if isinstance(state, dict) else set()
+    if missing := {"model", "optimizer", "scheduler", "scaler", "epoch", "elapsed"} - keys:
         raise UsageError(f"{path}: not an fdsl checkpoint (no {', '.join(sorted(missing))})")
     return state
 
@@ -1483,17 +1436,16 @@ def finish_run(run, final):
     final = final or evaluate(tr.net, run)
     acc, metrics = final["knn_acc"], final["collapse"]
     rows = read_log(run.path("log.jsonl")) if machine.is_main else []  # the whole run, resumed parts included
-    speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
+    speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")] or [None]
     results = {"knn_acc": acc, "collapse": metrics, "epochs": cfg.epochs,
-               "images_per_s": sum(speeds) / len(speeds) if speeds else None,
+               "images_per_s": speeds[0] and sum(speeds) / len(speeds),
                "knn_curve": [[r["epoch"], r["knn_acc"]] for r in rows if "knn_acc" in r], **step_record(tr)}
     if cfg.linear_epochs > 0:
         t0 = time.perf_counter()
         try:
-            train_set, test_set = (run.images.train_all, run.data.train_y), (run.images.test, run.data.test_y)
-            results["linear_acc"] = linear_accuracy(tr.net.backbone, tr.net.feat_dim, train_set, test_set,
-                                                    len(run.data.classes), cfg.linear_epochs, machine, cfg.seed,
-                                                    cfg.progress)
+            results["linear_acc"] = linear_accuracy(
+                tr.net.backbone, tr.net.feat_dim, (run.images.train_all, run.data.train_y), (run.images.test,
+                run.data.test_y), len(run.data.classes), cfg.linear_epochs, machine, cfg.seed, cfg.progress)
         except Diverged as e:
             raise Diverged(f"{e} in the linear probe; the trained network is {run.path('checkpoint.pt')}") from None
         results["linear_time_s"] = time.perf_counter() - t0
@@ -1518,8 +1470,7 @@ def provenance(machine):
     """What made a run's numbers: the library versions, the device by name, fdsl.py's version."""
     device, name = machine.device, platform.processor() or platform.machine()
     if device.type == "cpu" and os.path.isfile("/proc/cpuinfo"):  # Linux names the CPU model
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), name)
+        name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "Apple MPS" if device.type == "mps" \
         else f"{name}, {os.cpu_count()} CPUs"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
@@ -1531,10 +1482,9 @@ def code_version(short=False):
     path = os.path.abspath(__file__)
     with open(path, "rb") as f:
         digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
-    git = lambda *args: subprocess.run(["git", "-C", os.path.dirname(path), *args], capture_output=True,
-                                       text=True, timeout=10)
     try:
-        commit, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", path)
+        commit, changed = (subprocess.run(["git", "-C", os.path.dirname(path), *a], capture_output=True, text=True,
+                                          timeout=10) for a in (("rev-parse", "HEAD"), ("status", "--porcelain", path)))
     except (OSError, subprocess.SubprocessError):
         return digest
     if commit.returncode or changed.returncode:
@@ -1545,10 +1495,7 @@ def code_version(short=False):
 
 def read_log(path):
     """A log.jsonl's rows, a half-written last line left out (a damaged one before it is an error)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    lines = [line for line in open(path).read().splitlines() if line.strip()] if os.path.exists(path) else []
     rows = []
     for i, line in enumerate(lines):
         try:
@@ -1561,8 +1508,7 @@ def read_log(path):
 
 def read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(open(path).read())
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"{path}: cannot be read as JSON ({type(e).__name__}: {e})") from None
 
@@ -1577,10 +1523,6 @@ def write_atomic(path, text):
 # Appendix E. Data readers and augmentation kernels      (skippable: sections 2 and 3 use them)
 # Image folders, generated data, subsets; torchvision's augmentations per image for a batch on the device.
 # =============================================================================================
-
-SYNTHETIC_SIZES = (5000, 1000)  # train, test
-SYNTHETIC_SEED = 1234  # the generated images are fixed: --seed changes the training, not the data
-
 
 def load_cifar(name, root):
     """CIFAR-10/100: the copy in `root`, else a download there."""
@@ -1600,10 +1542,8 @@ def balanced_subset(x, y, n, seed):
     if n <= 0 or n >= len(y):
         return x, y
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    yp = y[perm]
-    by_class = torch.argsort(yp, stable=True)  # grouped by class, random order inside a class
-    counts = torch.bincount(yp)
-    rank = torch.empty_like(perm)
+    yp, by_class = y[perm], torch.argsort(y[perm], stable=True)  # by class, random order inside a class
+    counts, rank = torch.bincount(yp), torch.empty_like(perm)
     rank[by_class] = torch.arange(len(y)) - (counts.cumsum(0) - counts)[yp[by_class]]
     # Deal the classes out round-robin: all first images, then all second images, ...
     keep = perm[torch.argsort(rank, stable=True)[:n]].sort().values
@@ -1641,8 +1581,7 @@ def decode_split(split_dir, size, progress):
 def read_image(path, size):
     """An image file -> 3 x size x size uint8 (resized, centre-cropped), or a line naming it and why not."""
     try:
-        with Image.open(path) as im:
-            img = TF.pil_to_tensor(im.convert("RGB"))
+        img = TF.pil_to_tensor(Image.open(path).convert("RGB"))
     except Exception as e:  # a damaged file fails in many ways (OSError, SyntaxError, ...)
         return f"{path} ({type(e).__name__}: {(str(e).strip().splitlines() or ['?'])[0]})"
     if img.shape[-2:] != (size, size):
@@ -1650,15 +1589,12 @@ def read_image(path, size):
     return img
 
 
-SHAPES = ("disk", "square", "triangle", "ring", "cross")
-
-
-def synthetic_data(size):
-    """make_synthetic's images, split into SYNTHETIC_SIZES (train, test). -> Data."""
-    n_train, n_test = SYNTHETIC_SIZES
-    x, y = make_synthetic(n_train + n_test, size, seed=SYNTHETIC_SEED)
-    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
-                [f"{SHAPES[c % 5]}-{'striped' if c >= 5 else 'plain'}" for c in range(10)])
+def synthetic_data(size, n_train=5000, n_test=1000):
+    """make_synthetic's images, always the same (--seed changes the training, not the data). -> Data."""
+    x, y = make_synthetic(n_train + n_test, size, seed=1234)
+    names = [f"{shape}-{texture}" for texture in ("plain", "striped") for shape in ("disk", "square", "triangle",
+                                                                                    "ring", "cross")]
+    return Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:], names)
 
 
 def make_synthetic(n, size=32, seed=0):
@@ -1666,17 +1602,14 @@ def make_synthetic(n, size=32, seed=0):
     size, rotation, stripes and noise vary per image. -> (N x 3 x size x size uint8, labels N)."""
     g = torch.Generator().manual_seed(seed)
     U = lambda *shape, lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand(*shape, generator=g)
-    y = torch.arange(n) % 10
-    y = y[torch.randperm(n, generator=g)]
-    shape, striped = y % 5, y // 5
-    lin = (torch.arange(size) + 0.5) / size * 2 - 1
+    y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+    shape, striped, lin = y % 5, y // 5, (torch.arange(size) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    cx, cy, s = U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=0.4, hi=0.65)
-    a = U(n, 1, 1, hi=2 * math.pi)
+    cx, cy, s, a = U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=-0.3, hi=0.3), U(n, 1, 1, lo=0.4, hi=0.65), \
+        U(n, 1, 1, hi=2 * math.pi)
     u = ((xx - cx) * a.cos() + (yy - cy) * a.sin()) / s  # rotated coordinates, unit = shape size
     v = (-(xx - cx) * a.sin() + (yy - cy) * a.cos()) / s
-    r = (u * u + v * v).sqrt()
-    corners = (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+    r, corners = (u * u + v * v).sqrt(), (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
     tri = torch.stack([u * math.cos(t) + v * math.sin(t) for t in corners]).amax(0)
     masks = torch.stack([r < 1, torch.maximum(u.abs(), v.abs()) < 0.8, tri < 0.5, (r > 0.55) & (r < 1),
                          ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))], 1)
@@ -1711,13 +1644,11 @@ def pixel_statistics(device):
 def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, generator=None, mode="bilinear"):
     """torchvision's RandomResizedCrop (10 tries, then a centre crop) and a flip, per image, one grid_sample.
     mode: "bilinear" (SSL, as the authors) or "bicubic" (their probe; clamped). N x C x H x W in [0, 1]."""
-    n, _, h, w = x.shape
-    dev, tries = x.device, 10
-    rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
+    (n, _, h, w), tries = x.shape, 10
+    rand = lambda *s: torch.rand(*s, generator=generator, device=x.device)
     area = h * w * (scale[0] + (scale[1] - scale[0]) * rand(n, tries))
     logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand(n, tries)
-    cw = (area * logr.exp()).sqrt().round()
-    ch = (area / logr.exp()).sqrt().round()
+    cw, ch = (area * logr.exp()).sqrt().round(), (area / logr.exp()).sqrt().round()
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
     first = ok.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision
     cw, ch, any_ok = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0], ok.any(1)
@@ -1727,21 +1658,17 @@ def random_resized_crop_flip(x, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0
     top = torch.where(any_ok, (rand(n) * (h - ch + 1)).floor(), ((h - ch) / 2).floor())
     left = torch.where(any_ok, (rand(n) * (w - cw + 1)).floor(), ((w - cw) / 2).floor())
     flip = torch.where(rand(n) < flip_p, -1.0, 1.0)
-    # Output pixel grid [-1, 1] -> crop box in the input's normalized coordinates
-    # (align_corners=False: -1 and 1 are the outer edges of the border pixels).
-    zero = torch.zeros_like(cw)
+    zero = torch.zeros_like(cw)  # the output grid [-1, 1] to the crop box (-1, 1: the border pixels' outer edges)
     theta = torch.stack([cw / w * flip, zero, (2 * left + cw) / w - 1, zero, ch / h, (2 * top + ch) / h - 1], 1)
-    grid = F.affine_grid(theta.view(n, 2, 3), list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    out = F.grid_sample(x, F.affine_grid(theta.view(n, 2, 3), list(x.shape), align_corners=False), mode=mode,
+                        padding_mode="border", align_corners=False)
     return out.clamp(0, 1) if mode == "bicubic" else out
 
 
 def _rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    delta = maxc - minc
-    s = delta / maxc.clamp_min(1e-8)
-    d = delta.clamp_min(1e-8)
+    (r, g, b), maxc = x.unbind(1), x.amax(1)
+    delta = maxc - x.amin(1)
+    s, d = delta / maxc.clamp_min(1e-8), delta.clamp_min(1e-8)
     rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
@@ -1750,8 +1677,7 @@ def _rgb_to_hsv(x):
 
 def _hsv_to_rgb(h, s, v):
     i = (h * 6.0).floor()
-    f = h * 6.0 - i
-    i = i.long() % 6
+    f, i = h * 6.0 - i, i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     table = torch.stack([torch.stack(c, 1) for c in
                          ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)  # N x 3 x 6 x H x W
@@ -1764,8 +1690,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
     on = (rand(n) < p).float().view(n, 1, 1, 1)
     factor = lambda a: (1 + on * (2 * rand(n, 1, 1, 1) - 1) * a)  # in [1-a, 1+a], 1 when off
-    fb, fc, fs = factor(brightness), factor(contrast), factor(saturation)
-    fh = on[:, 0] * (2 * rand(n, 1, 1) - 1) * hue
+    fb, fc, fs, fh = factor(brightness), factor(contrast), factor(saturation), on[:, 0] * (2 * rand(n, 1, 1) - 1) * hue
     order = torch.argsort(rand(n, 4), dim=1)  # a random permutation of the 4 ops per image
     # Four rounds; in round k each image applies the op whose turn it is and the identity
     # (factor 1, shift 0) for the other three. Cheap elementwise work, no data-dependent branch.
@@ -1781,7 +1706,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
 
 
 def random_grayscale(x, p=0.2, generator=None):
-    gray = (torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < p)
+    gray = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < p
     return torch.where(gray, TF.rgb_to_grayscale(x).expand_as(x), x)
 
 
@@ -1790,22 +1715,10 @@ def random_grayscale(x, p=0.2, generator=None):
 # =============================================================================================
 
 
-def bare_model(tr, x):
-    """Backbone and projector forward and backward on both views (a call each), nothing else: a step's floor."""
-    views = augment(torch.cat([x, x]), tr.aug_gen).contiguous(memory_format=tr.machine.memory_format).chunk(2)
-
-    def bare():
-        tr.net.zero_grad(set_to_none=True)
-        with tr.machine.autocast():
-            loss = sum(tr.net.project(v).float().square().mean() for v in views)
-        loss.backward()
-    return bare
-
-
 def benchmark(cfg, machine):
-    """Times on random images (content does not change speed) the step, eager and graphed, the bare
-    backbone+projector (the floor), the eager parts, the start to the first graphed step."""
-    t_start, b, dev = time.perf_counter(), cfg.batch_size, machine.device
+    """Times the training step, eager and graphed, on random images (content does not change speed). Prints
+    the table; with --out DIR keeps it in DIR/benchmark.md and .json. -> the figures."""
+    b, dev, t, tg = cfg.batch_size, machine.device, {}, None
 
     def time_it(fn):  # mean seconds per call after WARMUP_STEPS untimed ones, the device waited for
         for _ in range(WARMUP_STEPS):
@@ -1814,53 +1727,30 @@ def benchmark(cfg, machine):
         for _ in range(cfg.benchmark_steps):
             fn()
         return (synced_clock() - t0) / cfg.benchmark_steps
-    images = lambda n: torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
-    x, t, first_step, tg = images(b), {}, None, None
+    x = torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, device=dev)
     if choose_step(cfg, machine) == "graph":
         tg = build_trainer(cfg, machine, 50000 // b, whitening_method(cfg, "graph"))
         step = cuda_graph(train_step, tg, x)
-        step(x)
-        first_step = synced_clock() - t_start
         if tg.step_kind == "graph":
             t["graphed full step"] = time_it(lambda: (step(x), tg.sched.step()))
-            warm_up(bare_model(tg, x), dev)
-            t["graphed bare backbone+projector"] = time_it(capture_graph(bare_model(tg, x))[1])
     te = build_trainer(cfg, machine, 50000 // b, whitening_method(cfg, "eager"))
     t["eager full step"] = time_it(lambda: (train_step(te, x), te.sched.step()))
-    t["eager bare backbone+projector"] = time_it(bare_model(te, x))
-    ys = [torch.randn(b, cfg.proj_dim, device=dev, requires_grad=True) for _ in range(2)]
-    t["augmentation (2 views, one call)"] = time_it(lambda: augment(torch.cat([x, x]), te.aug_gen))
-    t["normalization layer (2 views, two calls)"] = time_it(
-        lambda: sum(te.net.norm(y).square().mean() for y in ys).backward())
-    return report_benchmark(cfg, machine, t, first_step, te, tg)
-
-
-def report_benchmark(cfg, machine, t, first_step, te, tg):
-    """Prints the table; with --out DIR keeps it in DIR/benchmark.md and .json. -> the figures."""
-    b, ms = cfg.batch_size, lambda s: f"{s * 1e3:9.2f} ms"
-    prec = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[machine.amp_dtype]
-    kinds = [k for k in ("eager", "graphed") if f"{k} full step" in t]
-    best, missing = t[f"{kinds[-1]} full step"], "   needs CUDA" if machine.device.type != "cuda" else "   not run"
-    ratios = {k: t[f"{k} full step"] / t[f"{k} bare backbone+projector"] for k in kinds}
+    kinds, ms = [k for k in ("eager", "graphed") if f"{k} full step" in t], lambda s: f"{s * 1e3:9.2f} ms"
+    best = t[f"{kinds[-1]} full step"]
     norm = cfg.decorr + f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})" * (
         cfg.decorr == "zca")
-    out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, {prec}, "
+    out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, "
+           f"{ {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[machine.amp_dtype]}, "
            f"{str(machine.memory_format).split('.')[-1]}, {provenance(machine)['device_name']}, torch "
            f"{torch.__version__}, fdsl {code_version(short=True)}; mean of {cfg.benchmark_steps} calls after "
            f"{WARMUP_STEPS} untimed ones"]
     for kind, tr in (("eager", te), ("graphed", tg)):
-        for row in (f"{kind} full step", f"{kind} bare backbone+projector"):
-            whiten = step_record(tr)["whiten_method"] if tr and "full" in row else None
-            label = row + (f" ({whiten})" if whiten else "")
-            out.append(f"  {label:<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if row in t else missing))
-    out.append(f"  {'full step / bare model':<48}" + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    parts = ("augmentation (2 views, one call)", "normalization layer (2 views, two calls)")
-    out += [f"  {'eager ' + row:<48}{ms(t[row])}" for row in parts]
-    if first_step is not None:
-        out.append(f"  start to the first graphed step: {first_step:.1f} s (model, warm-up steps, capture)")
+        row, whiten = f"{kind} full step", step_record(tr)["whiten_method"] if tr else None
+        out.append(f"  {row + f' ({whiten})' * bool(whiten):<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if
+                   row in t else "   needs CUDA" if dev.type != "cuda" else "   not run"))
     out.append(f"  a 50,000-image epoch at the {kinds[-1]} step: {50000 // b * best:.1f} s of training steps")
-    figures = {"seconds": t, "images_per_s": b / best, "step_vs_bare": ratios, "first_step_s": first_step,
-               "epoch_s": 50000 // b * best, **step_record(tg or te), "settings": vars(cfg), **provenance(machine)}
+    figures = {"seconds": t, "images_per_s": b / best, "epoch_s": 50000 // b * best,
+               **step_record(tg or te), "settings": vars(cfg), **provenance(machine)}
     print0(machine, "\n".join(out))
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1892,11 +1782,10 @@ def read_run(d):
         raise UsageError(f"--plot {d}: no evaluated epoch yet in {os.path.join(d, 'log.jsonl')}")
     results = read_json(os.path.join(d, "results.json")) if os.path.isfile(os.path.join(d, "results.json")) else {}
     groups, shuffled = cfg.get("groups", 16), cfg["decorr"] == "zca" and cfg.get("shuffle", True)
-    kind = "" if cfg["decorr"] != "zca" else ", full ZCA" if groups == 1 else \
-        f", {groups} {'shuffled' if shuffled else 'fixed'} groups"
+    label = cfg["decorr"] + ("" if cfg["decorr"] != "zca" else ", full ZCA" if groups == 1 else
+                             f", {groups} {'shuffled' if shuffled else 'fixed'} groups")
     return {"name": os.path.basename(os.path.normpath(d)), "cfg": cfg, "rows": rows, "results": results,
-            "final": results.get("collapse") or rows[-1]["collapse"], "shuffled": shuffled,
-            "label": cfg["decorr"] + kind,
+            "final": results.get("collapse") or rows[-1]["collapse"], "shuffled": shuffled, "label": label,
             "setting": tuple(cfg.get(k, v[0]) for k, v in RECIPE.items() if k != "seed") +
                        tuple(cfg.get(k) for k in ("train_subset", "test_subset", "image_size", "precision"))}
 
@@ -1915,21 +1804,26 @@ def plot_runs(run_dirs, out=""):
     for r in runs:
         settings.setdefault(r["setting"], []).append(r)
     order = {"none": 0, "bn": 1, "zca": 2}  # the order of the paper's findings
-    entries = sorted(settings.values(), key=lambda e: (order.get(e[0]["cfg"]["decorr"], 3), e[0]["shuffled"]))
+    entries = sorted(settings.values(), key=lambda e: (order.get(e[0]["cfg"]["decorr"], 3), e[0]["shuffled"],
+                                                       e[0]["cfg"]["batch_size"]))
     labels = [e[0]["label"] for e in entries]
     for e in entries:  # a setting's title: its label, a run's name if two settings share it, its seeds
         e[0]["title"] = (e[0]["label"] + f" ({e[0]['name']})" * (labels.count(e[0]["label"]) > 1) +
                          f" ({len(e)} seeds)" * (len(e) > 1))
     out = out or os.path.join(os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs]),
                               "comparison.png")
-    stem, flat = os.path.splitext(out)[0], [r for r in runs if projection_rows(r)]
+    flat = [r for r in runs if any(row.get("projection", {}).get("points") for row in r["rows"])]
+    stem = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     draw_runs(plt, entries).savefig(out, dpi=110)
     write_atomic(stem + ".md", table := runs_table(entries))
     if flat:
         draw_projections(plt, flat, stem + "-2d.gif").savefig(stem + "-2d.png", dpi=110)
+    if batches := len({e[0]["cfg"]["batch_size"] for e in entries}) > 1:
+        draw_batch_sizes(plt, entries).savefig(stem + "-batch.png", dpi=110)
     print(table + f"\nfdsl: figure of {len(runs)} run(s) in {out}, table in {stem}.md" +
-          (f", the 2-d projection spaces of {len(flat)} in {stem}-2d.png and, in motion, {stem}-2d.gif" * bool(flat)))
+          f", the 2-d projection spaces of {len(flat)} in {stem}-2d.png and, in motion, {stem}-2d.gif" * bool(flat) +
+          f", accuracy against the batch size in {stem}-batch.png" * batches)
     return out
 
 
@@ -1996,47 +1890,57 @@ def draw_runs(plt, entries):
     return fig
 
 
-def projection_rows(run):
-    return [row for row in run["rows"] if row.get("projection", {}).get("points")]
-
-
-def draw_points(ax, row, lim, title):
-    """One panel of Figure 2: a run's 2-d outputs at one evaluation, coloured by class, on fixed axes."""
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-    pts = torch.tensor(row["projection"]["points"])
-    ax.scatter(pts[:, 0], pts[:, 1], c=row["projection"]["labels"], cmap="tab10", vmin=-0.5, vmax=9.5, s=2,
-               rasterized=True)
-    ax.set_title(title, fontsize=10)
+def draw_batch_sizes(plt, entries):
+    """A batch-size study: each layer's final k-NN and linear accuracy against the batch, mean ± std over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines, sizes = {}, sorted({e[0]["cfg"]["batch_size"] for e in entries})
+    for e in sorted(entries, key=lambda e: e[0]["cfg"]["batch_size"]):
+        lines.setdefault(e[0]["cfg"]["decorr"] + ", shuffled groups" * e[0]["shuffled"], []).append(e)
+    for ax, name, key in ((axes[0], "k-NN", "knn_acc"), (axes[1], "linear", "linear_acc")):
+        for i, (label, es) in enumerate(lines.items()):
+            v = [torch.tensor([r["results"].get(key, r["rows"][-1].get(key, math.nan)) for r in e]) for e in es]
+            ax.errorbar([e[0]["cfg"]["batch_size"] for e in es], [a.mean() for a in v], [a.std() if len(a) > 1 else 0
+                        for a in v], fmt="o-", capsize=3, color=f"C{i}", label=label)
+        ax.set(title=f"{name} accuracy against the batch size (mean ± std)", xlabel="batch size", ylabel="%")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def draw_projections(plt, runs, gif=None):
     """The paper's Figure 2: a row per 2-d run (3-d: two axes), points coloured by class, at up to 4 evaluations;
     every panel on the same axes, so a collapsed output is drawn as the point it is. gif: also this file, the
     runs side by side, a frame per evaluation on the same axes (Pillow, which torchvision brings). -> the figure."""
-    every = torch.tensor([p[:2] for r in runs for row in projection_rows(r) for p in row["projection"]["points"]])
+    rows = [[row for row in r["rows"] if row.get("projection", {}).get("points")] for r in runs]
+    every = torch.tensor([p[:2] for rs in rows for row in rs for p in row["projection"]["points"]])
     lim = 1.1 * every.abs().flatten().quantile(0.995).item()  # the rarest outliers may leave the frame
+
+    def draw(ax, row, title):
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+        pts, labels = torch.tensor(row["projection"]["points"]), row["projection"]["labels"]
+        ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, rasterized=True)
+        ax.set_title(title, fontsize=10)
     if gif:
         from matplotlib.animation import FuncAnimation, PillowWriter
         fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 2.9), squeeze=False)
-        by_epoch = [{row["epoch"]: row for row in projection_rows(r)} for r in runs]
 
         def frame(epoch):  # each run at its latest evaluation up to this epoch
-            for ax, r, rows in zip(axes[0], runs, by_epoch):
+            for ax, r, rs in zip(axes[0], runs, rows):
                 ax.clear()
-                draw_points(ax, rows[max(e for e in rows if e <= epoch or e == min(rows))], lim, r["label"])
+                draw(ax, ([row for row in rs if row["epoch"] <= epoch] or rs)[-1], r["label"])
             fig.suptitle(f"epoch {epoch}", fontsize=11)
-        FuncAnimation(fig, frame, frames=sorted(set().union(*by_epoch))).save(gif, PillowWriter(fps=4), dpi=72)
+        frames = sorted({row["epoch"] for rs in rows for row in rs})
+        FuncAnimation(fig, frame, frames=frames).save(gif, PillowWriter(fps=4), dpi=72)
         plt.close(fig)
-    picks = []
-    for rows in map(projection_rows, runs):
-        picks.append([rows[round(i * (len(rows) - 1) / 3)] for i in range(4)] if len(rows) > 4 else rows)
+    picks = [[rs[round(i * (len(rs) - 1) / 3)] for i in range(4)] if len(rs) > 4 else rs for rs in rows]
     width = max(map(len, picks))
     fig, axes = plt.subplots(len(runs), width, figsize=(2.8 * width, 2.8 * len(runs)), squeeze=False)
-    for ax_row, r, rows in zip(axes, runs, picks):
+    for ax_row, r, rs in zip(axes, runs, picks):
         for j, ax in enumerate(ax_row):
-            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-            if j < len(rows):
-                draw_points(ax, rows[j], lim, f"epoch {rows[j]['epoch']}")
+            draw(ax, rs[j], f"epoch {rs[j]['epoch']}") if j < len(rs) else ax.set_axis_off()
         ax_row[0].set_ylabel(r["label"], fontsize=11)
     fig.suptitle("2-d projection spaces (colours: classes), every panel on the same axes", fontsize=11)
     fig.tight_layout()
