@@ -86,7 +86,7 @@ RECIPE = {  # setting: (default, what it means)
     "momentum": (0.9, "SGD momentum"),
     "weight_decay": (1e-3, "SGD weight decay on every parameter (the batch-size study: 2.5e-3)"),
     "warmup_epochs": (5.0, "linear warm-up from 0, then cosine to 0, per step"),
-    "eval_every": (5, "the k-NN monitor (and [fdsl]'s collapse metrics) every N epochs (0: first and last only)"),
+    "eval_every": (5, "the k-NN monitor, and the collapse metrics ([fdsl]), every N epochs (0: first and last only)"),
     "knn_k": (200, "neighbours that vote in the k-NN monitor"),
     "knn_t": (0.1, "k-NN temperature: a neighbour's vote is exp(similarity / t)"),
     "metric_samples": (2048, "[fdsl] fixed training images for the projector's and the layer's collapse metrics"),
@@ -659,7 +659,7 @@ def inverse_sqrt(a, floor, method="eigh"):
 
 
 def small_eigh(a, eigenvalues_only=False):
-    """eigh / eigvalsh, single-threaded on the CPU: MKL's threads were 25-500x slower on small matrices."""
+    """eigh / eigvalsh, single-threaded on the CPU: on matrices this small, threads cost more than they save."""
     fn, threads = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh, torch.get_num_threads()
     if a.device.type == "mps":  # no eigensolver on Apple GPUs: solve on the CPU (differentiably)
         out = small_eigh(a.cpu(), eigenvalues_only)
@@ -1716,8 +1716,7 @@ def random_grayscale(x, p=0.2, generator=None):
 
 
 def benchmark(cfg, machine):
-    """Times the training step, eager and graphed, on random images (content does not change speed). Prints
-    the table; with --out DIR keeps it in DIR/benchmark.md and .json. -> the figures."""
+    """Times the eager and graphed training step on random images (content does not change speed). -> figures"""
     b, dev, t, tg = cfg.batch_size, machine.device, {}, None
 
     def time_it(fn):  # mean seconds per call after WARMUP_STEPS untimed ones, the device waited for
@@ -1735,10 +1734,9 @@ def benchmark(cfg, machine):
             t["graphed full step"] = time_it(lambda: (step(x), tg.sched.step()))
     te = build_trainer(cfg, machine, 50000 // b, whitening_method(cfg, "eager"))
     t["eager full step"] = time_it(lambda: (train_step(te, x), te.sched.step()))
-    kinds, ms = [k for k in ("eager", "graphed") if f"{k} full step" in t], lambda s: f"{s * 1e3:9.2f} ms"
-    best = t[f"{kinds[-1]} full step"]
-    norm = cfg.decorr + f" ({cfg.groups} groups, {'shuffled' if cfg.shuffle else 'fixed'}, {cfg.whiten_dtype})" * (
-        cfg.decorr == "zca")
+    fastest, ms = "graphed" if "graphed full step" in t else "eager", lambda s: f"{s * 1e3:9.2f} ms"
+    best, shuffle = t[f"{fastest} full step"], "shuffled" if cfg.shuffle else "fixed"
+    norm = cfg.decorr + f" ({cfg.groups} groups, {shuffle}, {cfg.whiten_dtype})" * (cfg.decorr == "zca")
     out = [f"benchmark: {cfg.arch}, batch {b}, {cfg.image_size} px, decorr {norm}, "
            f"{ {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[machine.amp_dtype]}, "
            f"{str(machine.memory_format).split('.')[-1]}, {provenance(machine)['device_name']}, torch "
@@ -1748,7 +1746,7 @@ def benchmark(cfg, machine):
         row, whiten = f"{kind} full step", step_record(tr)["whiten_method"] if tr else None
         out.append(f"  {row + f' ({whiten})' * bool(whiten):<48}" + (f"{ms(t[row])} {b / t[row]:10.0f} img/s" if
                    row in t else "   needs CUDA" if dev.type != "cuda" else "   not run"))
-    out.append(f"  a 50,000-image epoch at the {kinds[-1]} step: {50000 // b * best:.1f} s of training steps")
+    out.append(f"  a 50,000-image epoch at the {fastest} step: {50000 // b * best:.1f} s of training steps")
     figures = {"seconds": t, "images_per_s": b / best, "epoch_s": 50000 // b * best,
                **step_record(tg or te), "settings": vars(cfg), **provenance(machine)}
     print0(machine, "\n".join(out))

@@ -1643,6 +1643,7 @@ def test_a_checkpoint_of_another_network_is_refused_in_one_line(findings, findin
     state["model"] = {k.replace("backbone.", "encoder.", 1): v for k, v in state["model"].items()}  # older names
     torch.save(state, run / "checkpoint.pt")
     expect_one_line_error(["--resume", str(run)], capsys, "does not fit this network", "checkpoint.pt")
+    assert not (run / "results.json").exists()  # refused before any training: nothing written as finished
 
 
 def test_resuming_a_finished_run_says_so_in_one_line(findings, findings_dir, capsys):
