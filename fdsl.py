@@ -1757,16 +1757,17 @@ def benchmark(cfg, machine):
     return figures
 
 
-def projection_points(net, run, most=2000):
-    """Figure 2's points: the layer's output for the first 2,000 test images as the projector metrics are
-    measured (train_mode_outputs: a collapse cannot look healthy). -> {"points": [[x, y], ...], "labels"}."""
+def projection_points(net, run, most=1024):
+    """Figure 2's points: the layer's output for the first 1,024 test images, measured as the projector metrics
+    are (train_mode_outputs), in whole units of scale (3 digits: a small log). -> {"scale", "points", "labels"}"""
     cfg, machine = run.cfg, run.machine
     n = min(most, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
     if n == 0:
         return {"points": [], "labels": []}
     _, z = train_mode_outputs(net, run.images.test[: n // machine.world], cfg.batch_size // machine.world,
                               machine, n)
-    return {"points": [[float(f"{v:.4g}") for v in p] for p in z.tolist()], "labels": run.data.test_y[:n].tolist()}
+    scale = float(f"{z.abs().max().item() / 999:.4g}") or 1.0
+    return {"scale": scale, "points": (z / scale).round().int().tolist(), "labels": run.data.test_y[:n].tolist()}
 
 
 def read_run(d):
@@ -1913,12 +1914,13 @@ def draw_projections(plt, runs, gif=None):
     every panel on the same axes, so a collapsed output is drawn as the point it is. gif: also this file, the
     runs side by side, a frame per evaluation on the same axes (Pillow, which torchvision brings). -> the figure."""
     rows = [[row for row in r["rows"] if row.get("projection", {}).get("points")] for r in runs]
-    every = torch.tensor([p[:2] for rs in rows for row in rs for p in row["projection"]["points"]])
+    points_of = lambda row: torch.tensor(row["projection"]["points"]) * row["projection"].get("scale", 1)
+    every = torch.cat([points_of(row)[:, :2] for rs in rows for row in rs])
     lim = 1.1 * every.abs().flatten().quantile(0.995).item()  # the rarest outliers may leave the frame
 
     def draw(ax, row, title):
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
-        pts, labels = torch.tensor(row["projection"]["points"]), row["projection"]["labels"]
+        pts, labels = points_of(row), row["projection"]["labels"]
         ax.scatter(pts[:, 0], pts[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, rasterized=True)
         ax.set_title(title, fontsize=10)
     if gif:

@@ -1471,7 +1471,8 @@ def test_a_2d_run_keeps_the_layers_output_white_for_zca_and_standardized_for_bn(
         first = rows[0]["projection"]
         assert len(first["points"]) == len(first["labels"]) == 192  # 200 test images, in full batches of 32
         assert all(row["projection"]["labels"] == first["labels"] for row in rows)  # the same images each time
-        z = torch.tensor(rows[-1]["projection"]["points"], dtype=torch.float64)
+        assert all(isinstance(v, int) for p in first["points"] for v in p)  # integer units of its scale
+        z = torch.tensor(rows[-1]["projection"]["points"], dtype=torch.float64) * rows[-1]["projection"]["scale"]
         cov = torch.cov(z.T, correction=0)  # each batch centred and whitened: the pooled covariance too
         if decorr == "zca":
             torch.testing.assert_close(cov, torch.eye(2, dtype=torch.float64), atol=2e-3, rtol=0)
