@@ -1346,7 +1346,7 @@ def log_start(run):
     if machine.is_main:
         rows = [row for row in read_log(run.path("log.jsonl")) if row["epoch"] <= run.start] if cfg.resume else []
         os.makedirs(cfg.out, exist_ok=True)
-        write_atomic(run.path("log.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))  # drop redone rows
+        write_atomic(run.path("log.jsonl"), "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
         write_atomic(run.path("config.json"), json.dumps({**vars(cfg), **step_record(run.tr),
                                                           **provenance(machine)}, indent=2))
     if cfg.resume:
@@ -1370,7 +1370,7 @@ def log_epoch(run, row):
     if not run.machine.is_main:
         return
     with open(run.path("log.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(row, separators=(",", ":")) + "\n")  # compact: a 2-d run logs its points
     p = row.get("collapse", {}).get("projector")
     cell = lambda key, fmt, width: format(row[key], fmt) if row.get(key) is not None else " " * width
     proj = f"{p['std']:14.4g} {p['corr_strength']:5.2f} {p['eff_rank']:6.1f}" if p else " " * 27
