@@ -482,8 +482,7 @@ def evaluate(net, run):
     test_f = gather_shards(encode(net.backbone, images.test, machine), len(run.data.test_y))
     check_finite("the backbone's features", [train_f, test_f])  # a diverged network is not scored
     acc = knn_accuracy(train_f, run.data.train_y, test_f, run.data.test_y, cfg.knn_k, cfg.knn_t)
-    metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine,
-                               images.n_metric)
+    metrics = measure_collapse(net, images.metric, test_f, cfg.batch_size // machine.world, machine, images.n_metric)
     if isinstance(net.norm, GroupWhitening) and metrics["normalized"]["std"] < 0.9:
         # Whitened outputs fall below std 1 only along directions whose variance v (an eigenvalue
         # of C) is down near e x m: the network has found that eps lets it drop directions.
@@ -1758,16 +1757,18 @@ def benchmark(cfg, machine):
 
 
 def projection_points(net, run, most=1024):
-    """Figure 2's points: the layer's output for the first 1,024 test images, measured as the projector metrics
-    are (train_mode_outputs), in whole units of scale (3 digits: a small log). -> {"scale", "points", "labels"}"""
-    cfg, machine = run.cfg, run.machine
+    """Figure 2's points: the layer's output for 1,024 fixed random test images (every class), measured as the
+    projector metrics are (train_mode_outputs), in whole units of scale (3 digits). -> {"scale", "points", "labels"}"""
+    cfg, w = run.cfg, run.machine.world
     n = min(most, len(run.data.test_y)) // cfg.batch_size * cfg.batch_size
     if n == 0:
         return {"points": [], "labels": []}
-    _, z = train_mode_outputs(net, run.images.test[: n // machine.world], cfg.batch_size // machine.world,
-                              machine, n)
+    mine = torch.randperm(len(run.data.test_y) // w, generator=torch.Generator().manual_seed(cfg.seed))[: n // w]
+    _, z = train_mode_outputs(net, run.images.test[mine.to(run.images.test.device)], cfg.batch_size // w,
+                              run.machine, n)
+    shown = mine.repeat_interleave(w) * w + torch.arange(n) % w  # process r's k-th image, as gather_shards orders
     scale = float(f"{z.abs().max().item() / 999:.4g}") or 1.0
-    return {"scale": scale, "points": (z / scale).round().int().tolist(), "labels": run.data.test_y[:n].tolist()}
+    return {"scale": scale, "points": (z / scale).round().int().tolist(), "labels": run.data.test_y[shown].tolist()}
 
 
 def read_run(d):
@@ -1841,8 +1842,7 @@ def metric_points(runs):
                     "knn_t", "precision"), {}
     for r in runs:
         for row in r["rows"]:
-            key = ("epoch 0", *(r["cfg"].get(k) for k in same)) if row["epoch"] == 0 else \
-                (r["name"], row["epoch"])
+            key = ("epoch 0", *(r["cfg"].get(k) for k in same)) if row["epoch"] == 0 else (r["name"], row["epoch"])
             points.setdefault(key, (row["collapse"]["backbone"]["corr_strength"], row["knn_acc"]))
     return list(points.values())
 
