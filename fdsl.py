@@ -20,11 +20,11 @@ optional predictor); the loss pulls the two outputs together. The paper's findin
   4. How correlated the features are, measured without labels, tells good representations from bad.
 
 The paper's names, and the flags that give each:
-    no normalization                          --decorr none
-    BN (standardizing each axis)              --decorr bn
-    ZCA, DBN (whitening all D axes at once)   --decorr zca --groups 1
-    DBN in G fixed groups                     --decorr zca --groups G --no-shuffle
-    Shuffled-DBN (the paper's method)         --decorr zca      (16 groups of 32 axes, new groups at every call)
+    no normalization                                      --decorr none
+    BN (standardizing each axis)                          --decorr bn
+    ZCA, DBN (whitening all D axes at once)               --decorr zca --groups 1
+    DBN in G fixed groups (their feature-dim. configs)    --decorr zca --groups G --no-shuffle
+    Shuffled-DBN (the paper's method)                     --decorr zca  (16 groups of 32 axes, new at every call)
 """
 import argparse
 import contextlib
@@ -54,7 +54,7 @@ from tqdm import tqdm
 # The authors' main CIFAR-10 setting, from their code and configs, one flag each (batch_size: --batch-size).
 # Not theirs: [fdsl] this file's choice, [SimSiam] beyond the paper's framework, [Figure 2] their 2-d pictures.
 LAPTOP = {"arch": "small", "train_subset": 5000, "test_subset": 2000, "epochs": 10, "eval_every": 2, "lr": 0.1,
-          "linear_epochs": 5}  # --laptop
+          "linear_epochs": 5}  # --laptop: the laptop recipe, whose defaults these are
 RECIPE = {  # setting: (default, what it means); a list: the default, then the other choices
     "dataset": (["cifar10", "cifar100", "folder", "synthetic"], "folder: --data-dir; [fdsl] synthetic: offline"),
     "arch": (["resnet18", "small"], "CIFAR ResNet-18 (F = 512 features); [fdsl] small: 4 convs (F = 256)"),
@@ -150,7 +150,7 @@ def check_settings(cfg):
     if not str(cfg.groups).isdigit() or int(cfg.groups) < 1 or (cfg.decorr == "zca" and cfg.proj_dim % int(cfg.groups)):
         fail(f"--groups {cfg.groups}: a number that divides --proj-dim {cfg.proj_dim}, or auto")
     cfg.groups, size = int(cfg.groups), cfg.proj_dim // int(cfg.groups)
-    if cfg.decorr == "zca" and size >= cfg.batch_size:  # a singular covariance (check_features says why)
+    if cfg.decorr == "zca" and size >= cfg.batch_size:  # a singular covariance (GroupWhitening.forward says why)
         fail(f"--groups {cfg.groups}: groups of {size} axes need a batch of more than {size} images, not "
              f"{cfg.batch_size}; use more --groups or a larger --batch-size")
     cfg.out = cfg.out or f"runs/{cfg.dataset}-{cfg.decorr}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -323,7 +323,7 @@ def augment(x, generator=None):
 # --- copy from here: the paper's two layers and everything they need -------------------------
 
 def small_eigh(a, eigenvalues_only=False):
-    """eigh of small matrices: on the CPU in one thread (more cost more than they give), and so for Apple's GPU."""
+    """eigh of small matrices, in one CPU thread (more cost more than they save), also for Apple's GPU (none)."""
     fn, threads = torch.linalg.eigvalsh if eigenvalues_only else torch.linalg.eigh, torch.get_num_threads()
     if a.device.type not in ("cpu", "mps"):
         return fn(a)
@@ -500,7 +500,7 @@ class SiameseNet(nn.Module):
         return self.predictor(z1), self.predictor(z2), z1, z2
 
 def build_model(cfg, method="eigh", dtype=torch.float64, global_batch=False):
-    """The network of cfg, one of the paper's layers after the projector (method, dtype, global_batch: its)."""
+    """The network of cfg, one of the paper's layers after the projector; method, dtype, global_batch: the layer's."""
     backbone, feat_dim = make_backbone(cfg.arch)
     if cfg.decorr == "zca":  # finding 3: neither collapse
         norm = GroupWhitening(cfg.proj_dim, cfg.groups, cfg.shuffle, cfg.eps, dtype, method, global_batch)
@@ -508,7 +508,7 @@ def build_model(cfg, method="eigh", dtype=torch.float64, global_batch=False):
         norm = Standardize(cfg.proj_dim, dtype, method, global_batch)
     else:  # finding 1: complete collapse
         norm = nn.Identity()
-    predictor = mlp(cfg.proj_dim, 256, cfg.proj_dim) if cfg.predictor else None  # drawn first, as on record
+    predictor = mlp(cfg.proj_dim, 256, cfg.proj_dim) if cfg.predictor else None  # drawn first, as the runs on record
     projector = mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.linear_projector)
     return SiameseNet(backbone, feat_dim, projector, norm, predictor)
 
