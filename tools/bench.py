@@ -47,24 +47,40 @@ def bare_model(net, x, cfg):
     return call
 
 
+def training(cfg):
+    """fdsl's parts and step for these settings, as a run builds them. -> (parts, step, generator)"""
+    parts = fdsl.build_training(cfg, 50_000 // cfg.batch_size)
+    generator = torch.Generator(device=cfg.device)
+    return parts, fdsl.make_step(cfg, parts, generator), generator
+
+
 def measure(cfg, steps):
     """The rows of the table: {name: seconds per call, or a word why not}."""
     x = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                       device=cfg.device)
+    planned = cfg.step
     cfg.whiten_method = "eigh"
-    net, parts, step, _ = fdsl.build_training(cfg, 50_000 // cfg.batch_size)
-    rows = {"bare model": timed(bare_model(net, x, cfg), steps, cfg.device),
-            "eager full step (eigh)": timed(lambda: (step(x), parts["scheduler"].step()), steps, cfg.device)}
-    if cfg.step != "graph":
+    parts, step, _ = training(cfg)
+
+    def eager_step():
+        step(x)
+        parts["scheduler"].step()
+    rows = {"bare model": timed(bare_model(parts["model"], x, cfg), steps, cfg.device),
+            "eager full step (eigh)": timed(eager_step, steps, cfg.device)}
+    if planned != "graph":
         rows["graphed full step (newton)"] = "needs CUDA" if not cfg.device.startswith("cuda") else "not planned"
         return rows
     cfg.whiten_method = "newton"
-    net, parts, step, generator = fdsl.build_training(cfg, 50_000 // cfg.batch_size)
-    graphed = fdsl.graph_step(step, x, net, parts["optimizer"], parts["scheduler"], generator)
+    parts, step, generator = training(cfg)
+    graphed = fdsl.graph_step(step, x, parts, generator, cfg)
     if graphed is step:  # the capture or its check failed; graph_step said why
         rows["graphed full step (newton)"] = "failed"
     else:
-        rows["graphed full step (newton)"] = timed(lambda: (graphed(x), parts["scheduler"].step()), steps, cfg.device)
+
+        def graph_step():
+            graphed(x)
+            parts["scheduler"].step()
+        rows["graphed full step (newton)"] = timed(graph_step, steps, cfg.device)
     return rows
 
 
@@ -98,13 +114,13 @@ def parse(argv):
         fdsl.fail("--steps must be at least 1")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         fdsl.fail("tools/bench.py times one process; run it without torchrun")
-    return own, fdsl.check_settings(fdsl.parse_settings(rest))
+    return own, fdsl.settings(rest)
 
 
 def main(argv=None):
     """The command line: this tool's --steps and --out, and fdsl.py's flags for the rest. -> the rows."""
     own, cfg = parse(argv)
-    fdsl.setup_machine(cfg)
+    fdsl.start_machine(cfg)
     rows = measure(cfg, own.steps)
     lines = table(cfg, rows, own.steps)
     print("\n".join(lines))
