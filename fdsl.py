@@ -477,6 +477,8 @@ RECIPE = {  # setting: (default, what it means); a list: the default, then the o
     "graph": (True, "on one CUDA GPU, the step as a CUDA graph, checked against an eager step"),
     "progress": (True, "progress bars"),
 }
+# What a run folder holds; a folder with any of them is not written into.
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "results.json")
 # --laptop: the laptop recipe, under the command line's flags.
 LAPTOP = {"arch": "small", "train_subset": 5000, "test_subset": 2000, "epochs": 10, "eval_every": 2,
           "lr": 0.1, "linear_epochs": 5}
@@ -500,8 +502,9 @@ def read_json(path):
         fail(f"{path}: cannot be read as JSON ({type(e).__name__}: {e})")
 
 def progress(items, what, cfg, total=None):
-    """A progress bar over items on process 0, unless --no-progress; it leaves no line behind."""
-    hidden = not cfg.progress or cfg.rank > 0
+    """A progress bar over items on process 0, unless --no-progress or the output is a file or a
+    pipe (whose reader would get a line per update); it leaves no line behind."""
+    hidden = not cfg.progress or cfg.rank > 0 or not sys.stderr.isatty()
     return tqdm(items, desc=what, total=total, disable=hidden, leave=False)
 
 def command_line():
@@ -544,7 +547,10 @@ def parse_settings(argv):
     if others:
         fail(f"--resume takes the run's saved settings; drop {' '.join(others)}")
     if not os.path.isfile(os.path.join(cfg.resume, "checkpoint.pt")):
-        fail(f"--resume {cfg.resume}: no checkpoint.pt there, so it is not an fdsl run folder")
+        started = os.path.isfile(os.path.join(cfg.resume, "config.json"))
+        why = ("its run stopped before its first checkpoint (after epoch 0's evaluation): delete "
+               "it and start anew") if started else "so it is not an fdsl run folder"
+        fail(f"--resume {cfg.resume}: no checkpoint.pt there; {why}")
     config = read_json(os.path.join(cfg.resume, "config.json"))
     saved = vars(parser.parse_args([]))
     saved.update({name: value for name, value in config.items() if name in saved})
@@ -573,9 +579,10 @@ def check_settings(cfg):
     visible = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not visible.get(cfg.device, True):
         fail(f"--device {cfg.device}: no such GPU is visible here")
-    if cfg.out and not cfg.resume and os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-        fail(f"{cfg.out} already holds a run; go on with it with --resume {cfg.out}, or pick "
-             f"another --out")
+    held = [name for name in RUN_FILES if cfg.out and os.path.exists(os.path.join(cfg.out, name))]
+    if held and not cfg.resume:
+        go_on = f", or go on with it: --resume {cfg.out}" if "checkpoint.pt" in held else ""
+        fail(f"{cfg.out} already holds a run ({', '.join(held)}); pick another --out{go_on}")
 
 def settings(argv):
     """The run's settings: the flags, checked, and all that is derived from them, set here once
@@ -622,9 +629,33 @@ def autocast(cfg):
     return torch.autocast(cfg.device.split(":")[0], getattr(torch, cfg.amp), cache_enabled=False)
 
 # ---- 7. Data: uint8 images on the device once; a batch is a gather there, no DataLoader ----------
-def load_image_folder(root, size, cfg):
-    """DIR/train and DIR/test (or val), a folder per class, decoded once into uint8 tensors
-    N x 3 x size x size; a damaged image stops the load, named. -> a dict as load_data's"""
+def balanced_subset(labels, n, seed):
+    """The indices of n samples with, as nearly as may be, as many of each class, chosen at random:
+    each class's first sample in a random order, then each class's second, and so on (all the
+    samples if n is 0 or not below their number)."""
+    if n <= 0 or n >= len(labels):
+        return torch.arange(len(labels))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    shuffled = labels[perm]
+    by_class = torch.argsort(shuffled, stable=True)  # by class, in a random order within each
+    counts = torch.bincount(shuffled)
+    place = torch.empty_like(perm)  # each sample's place within its class
+    place[by_class] = torch.arange(len(labels)) - (counts.cumsum(0) - counts)[shuffled[by_class]]
+    return perm[torch.argsort(place, stable=True)[:n]].sort().values
+
+def subset(cfg, split, labels):
+    """The indices of a split's images that a run uses: --train-subset (drawn with --seed) or
+    --test-subset (with --seed + 1) class-balanced ones, or all of them."""
+    if split == "train":
+        return balanced_subset(labels, cfg.train_subset, cfg.seed)
+    return balanced_subset(labels, cfg.test_subset, cfg.seed + 1)
+
+def load_image_folder(cfg):
+    """DIR/train and DIR/test (or val), a folder per class: the images of the subsets, decoded
+    once into uint8 tensors N x 3 x size x size (a damaged one stops the load, named) and their
+    labels. -> a dict as load_data's"""
+    root = cfg.data_dir
+    size = cfg.image_size
     def read(path):
         try:
             image = TF.pil_to_tensor(Image.open(path).convert("RGB"))
@@ -638,7 +669,9 @@ def load_image_folder(root, size, cfg):
     for split, name in (("train", "train"), ("test", test)):
         try:  # no such folder, no class folders, no images in them, or a damaged image
             folder = torchvision.datasets.ImageFolder(os.path.join(root, name))
-            paths = [path for path, _ in folder.samples]
+            labels = torch.tensor(folder.targets)
+            keep = subset(cfg, split, labels)  # only these images are decoded
+            paths = [folder.samples[i][0] for i in keep.tolist()]
             with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
                 decoded = pool.map(read, paths, chunksize=256)
                 images = list(progress(decoded, f"decoding {name}", cfg, total=len(paths)))
@@ -646,7 +679,7 @@ def load_image_folder(root, size, cfg):
             fail(f"--dataset folder --data-dir {root}: {e} (DIR/train/<class>/*, "
                  f"DIR/test/<class>/*, all readable)")
         data[f"{split}_x"] = torch.stack(images)
-        data[f"{split}_y"] = torch.tensor(folder.targets)
+        data[f"{split}_y"] = labels[keep]
     data["classes"] = folder.classes
     return data
 
@@ -689,20 +722,6 @@ def make_synthetic(n, size=32, seed=0):
     image = background + (foreground * texture - background) * mask + noise
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), y
 
-def balanced_subset(x, y, n, seed):
-    """n samples of (x, y) with, as nearly as may be, as many of each class, chosen at random: each
-    class's first sample in a random order, then each class's second, and so on."""
-    if n <= 0 or n >= len(y):
-        return x, y
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    shuffled = y[perm]
-    by_class = torch.argsort(shuffled, stable=True)  # by class, in a random order within each
-    counts = torch.bincount(shuffled)
-    place = torch.empty_like(perm)  # each sample's place within its class
-    place[by_class] = torch.arange(len(y)) - (counts.cumsum(0) - counts)[shuffled[by_class]]
-    keep = perm[torch.argsort(place, stable=True)[:n]].sort().values
-    return x[keep], y[keep]
-
 def eval_view(x):
     """The authors' evaluation view of uint8 images x: N x 3 x H x W: Resize(int(size x 8/7),
     bicubic), then CenterCrop(size), 36 then 32 px for CIFAR; 4,096 images at a time."""
@@ -732,7 +751,7 @@ def load_data(cfg):
         data = {"train_x": x[0], "train_y": torch.tensor(sets[0].targets), "test_x": x[1],
                 "test_y": torch.tensor(sets[1].targets), "classes": sets[0].classes}
     elif cfg.dataset == "folder":
-        data = load_image_folder(cfg.data_dir, cfg.image_size, cfg)
+        data = load_image_folder(cfg)  # the subsets' images alone
     else:  # 5,000 + 1,000 images, always the same: --seed changes the training, not the data
         x, y = make_synthetic(6000, cfg.image_size, seed=1234)
         shapes = ("disk", "square", "triangle", "ring", "cross")
@@ -740,15 +759,21 @@ def load_data(cfg):
         data = {"train_x": x[:5000], "train_y": y[:5000], "test_x": x[5000:], "test_y": y[5000:],
                 "classes": classes}
 
-    train_x, train_y = balanced_subset(data["train_x"], data["train_y"], cfg.train_subset, cfg.seed)
-    test_x, test_y = balanced_subset(data["test_x"], data["test_y"], cfg.test_subset, cfg.seed + 1)
+    if cfg.dataset != "folder":
+        for split in ("train", "test"):
+            keep = subset(cfg, split, data[f"{split}_y"])
+            data[f"{split}_x"] = data[f"{split}_x"][keep]
+            data[f"{split}_y"] = data[f"{split}_y"][keep]
+    train_x = data["train_x"]
+    train_y = data["train_y"]
     if len(train_y) < cfg.batch_size:
         fail(f"only {len(train_y)} training images for a batch of {cfg.batch_size}")
     n = max(min(2048, len(train_y)) // cfg.batch_size * cfg.batch_size, cfg.batch_size)
     metric = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed))[:n]
-    return {"train_x": train_x.to(cfg.device), "train_y": train_y, "test_y": test_y,
+    return {"train_x": train_x.to(cfg.device), "train_y": train_y, "test_y": data["test_y"],
             "classes": data["classes"], "bank": eval_view(train_x).to(cfg.device),
-            "test": eval_view(test_x).to(cfg.device), "metric": train_x[metric].to(cfg.device)}
+            "test": eval_view(data["test_x"]).to(cfg.device),
+            "metric": train_x[metric].to(cfg.device)}
 
 # ---- 8. Evaluation: the k-NN monitor, collapse at three stages, the linear probe -----------------
 def check_finite(what, tensors):
@@ -760,8 +785,9 @@ def check_finite(what, tensors):
 def encode(backbone, x, cfg):
     """The eval-mode backbone's features of uint8 images x: N x 3 x H x W -> N x F float32."""
     backbone.eval()  # the next epoch puts it back in train mode
+    parts = progress(x.split(1024), f"features of {len(x)} images", cfg)
     with autocast(cfg):
-        return torch.cat([backbone(network_input(part)).float() for part in x.split(1024)])
+        return torch.cat([backbone(network_input(part)).float() for part in parts])
 
 @torch.no_grad()
 def train_mode_outputs(net, x, cfg):
@@ -769,8 +795,9 @@ def train_mode_outputs(net, x, cfg):
     computes them: in train mode and training batches, on a copy of the network (eval mode's
     running averages lag, and can make a collapse look healthy). -> (h, z)"""
     probe = copy.deepcopy(net).train()
+    parts = progress(x.split(cfg.batch_size), f"outputs of {len(x)} images", cfg)
     with autocast(cfg):
-        hs = [probe.project(network_input(part)).float() for part in x.split(cfg.batch_size)]
+        hs = [probe.project(network_input(part)).float() for part in parts]
     check_finite("the projector's outputs", hs)  # a diverged network stops here, not in the layer
     return torch.cat(hs), torch.cat([probe.norm(h) for h in hs])
 
@@ -817,7 +844,7 @@ def crop_features(backbone, x, generator, cfg):
     on them: RandomResizedCrop(scale 0.08-1, bicubic) and a flip. -> N x F"""
     feats = []
     with autocast(cfg):
-        for part in x.split(1024):
+        for part in progress(x.split(1024), f"crops of {len(x)} images", cfg):
             crops = random_resized_crop_flip(part.float() / 255, scale=(0.08, 1.0),
                                              generator=generator, mode="bicubic")
             feats.append(backbone(network_input(crops)).float())
@@ -1126,13 +1153,18 @@ def provenance(cfg):
             "python": platform.python_version(), "device_name": name,
             "fdsl_version": f"{commit} sha256:{digest}".strip()}
 
-# The printed table: a column per number, its width and format.
+# The printed table: a column per number, its width and format. proj. std, corr and erank are the
+# projector's output h, before the layer; z erank the layer's output, which the loss compares.
 COLUMNS = [("epoch", 5, "d"), ("loss", 10, ".4g"), ("lr", 9, ".3g"), ("img/s", 8, ".0f"),
            ("knn %", 6, ".2f"), ("proj. std", 10, ".4g"), ("corr", 5, ".2f"), ("erank", 6, ".1f"),
-           ("time", 7, ".1f")]
+           ("z erank", 7, ".1f"), ("time", 7, ".1f")]
 
 def begin_run(cfg, data):
     """The run's first line and the table's header; config.json."""
+    if cfg.warmup_epochs >= cfg.epochs:
+        say(f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is not shorter than the run: the "
+            f"learning rate stays below --lr, so the run shows collapse, not what training learns")
+
     layer = f"decorr={cfg.decorr}"
     if cfg.decorr == "zca":
         layer += f" groups={cfg.groups} shuffle={cfg.shuffle}"
@@ -1150,9 +1182,10 @@ def log_epoch(cfg, row):
     with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
         f.write(json.dumps(row, separators=(",", ":")) + "\n")
     projector = row.get("collapse", {}).get("projector", {})
+    layer = row.get("collapse", {}).get("normalized", {})
     values = [row["epoch"], row["loss"], row["lr"], row["images_per_s"], row.get("knn_acc"),
               projector.get("std"), projector.get("corr_strength"), projector.get("eff_rank"),
-              row["time"]]
+              layer.get("eff_rank"), row["time"]]
     cells = [" " * width if value is None else format(value, f"{width}{spec}")
              for value, (_, width, spec) in zip(values, COLUMNS)]
     say(" ".join(cells))
@@ -1247,10 +1280,22 @@ def finish(cfg, data, net, final, seconds):
         f"{cfg.out}/results.json")
     return results
 
+def remove_unsaved(cfg):
+    """A run stopped before its first checkpoint leaves nothing behind: the files it wrote go, and
+    its folder if that leaves it empty (a run starts only in a folder without such files)."""
+    if cfg.rank > 0 or cfg.resume or os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        return
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(cfg.out, name)):
+            os.remove(os.path.join(cfg.out, name))
+    if os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+        os.rmdir(cfg.out)
+
 def main(argv=None):
     """A run from the command line. Bad input: one line, exit 2; a run that diverges: one line
     naming the last good checkpoint, exit 1; Ctrl-C: how to go on, exit 130. -> the results"""
     cfg = settings(sys.argv[1:] if argv is None else argv)
+    checkpoint = os.path.join(cfg.out, "checkpoint.pt")
     try:
         start_machine(cfg)
         if cfg.resume and os.path.isfile(os.path.join(cfg.out, "results.json")):
@@ -1267,12 +1312,17 @@ def main(argv=None):
         return finish(cfg, data, parts["model"], final, seconds)
 
     except (FloatingPointError, torch.linalg.LinAlgError) as e:  # NaN or inf: loss, weights, ...
-        say(f"fdsl: stopped: {e}; the last good checkpoint is {cfg.out}/checkpoint.pt; try a "
-            f"lower --lr", file=sys.stderr)
+        last = "nothing saved"
+        if os.path.exists(checkpoint):
+            last = f"the last good checkpoint is {checkpoint}"
+        remove_unsaved(cfg)
+        say(f"fdsl: stopped: {e}; {last}; try a lower --lr", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
-        saved = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
-        how = f"go on: python fdsl.py --resume {cfg.out}" if saved else "nothing saved yet"
+        how = "nothing saved yet"
+        if os.path.exists(checkpoint):
+            how = f"go on: python fdsl.py --resume {cfg.out}"
+        remove_unsaved(cfg)
         say(f"\nfdsl: interrupted; {how}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:

@@ -647,14 +647,13 @@ def test_synthetic_data_is_deterministic_and_class_balanced():
 
 def test_balanced_subset():
     y = torch.arange(1000) % 10
-    x = torch.arange(1000)
-    xs, ys = fdsl.balanced_subset(x, y, 300, seed=0)
-    assert torch.bincount(ys).tolist() == [30] * 10 and torch.equal(y[xs], ys)
-    assert len(set(xs.tolist())) == 300
-    assert not torch.equal(fdsl.balanced_subset(x, y, 300, seed=1)[0], xs)  # chosen at random, by seed
-    xs, ys = fdsl.balanced_subset(x, y, 25, seed=0)  # 25 over 10 classes: 3 or 2 each
-    assert sorted(torch.bincount(ys, minlength=10).tolist()) == [2] * 5 + [3] * 5
-    assert fdsl.balanced_subset(x, y, 0, seed=0)[0] is x  # 0: all
+    keep = fdsl.balanced_subset(y, 300, seed=0)
+    assert torch.bincount(y[keep]).tolist() == [30] * 10 and len(set(keep.tolist())) == 300
+    assert keep.tolist() == sorted(keep.tolist())  # in the data's order
+    assert not torch.equal(fdsl.balanced_subset(y, 300, seed=1), keep)  # chosen at random, by seed
+    keep = fdsl.balanced_subset(y, 25, seed=0)  # 25 over 10 classes: 3 or 2 each
+    assert sorted(torch.bincount(y[keep], minlength=10).tolist()) == [2] * 5 + [3] * 5
+    assert torch.equal(fdsl.balanced_subset(y, 0, seed=0), torch.arange(1000))  # 0: all
 
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
@@ -681,6 +680,21 @@ def test_an_image_folder_loads_through_the_real_path(tmp_path, test_name):
     assert data["train_y"].tolist() == data["test_y"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert len(data["metric"]) == 12  # whole batches of 4
     for label, rgb in enumerate(COLOURS.values()):  # each class has its colour in the right channel
+        mean = data["train_x"][data["train_y"] == label].float().mean((0, 2, 3))
+        assert mean.tolist() == pytest.approx([float(c) for c in rgb], abs=1)
+
+
+def test_a_folder_decodes_only_the_images_of_the_subsets(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, per_class=10)  # 30 training and 30 test images
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *args: opened.append(path) or real_open(path, *args))
+    cfg = fdsl.settings(["--dataset", "folder", "--data-dir", str(tmp_path), "--batch-size", "4", "--decorr", "none",
+                         "--train-subset", "6", "--test-subset", "9", "--device", "cpu", "--no-progress"])
+    data = fdsl.load_data(cfg)
+    assert len(opened) == 6 + 9 and len(set(opened)) == 15  # each image of the subsets once, no other
+    assert data["train_y"].tolist() == [0, 0, 1, 1, 2, 2] and data["test_y"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    for label, rgb in enumerate(COLOURS.values()):  # each label still has its images
         mean = data["train_x"][data["train_y"] == label].float().mean((0, 2, 3))
         assert mean.tolist() == pytest.approx([float(c) for c in rgb], abs=1)
 
@@ -812,13 +826,15 @@ def test_a_run_folder_holds_config_log_results_and_checkpoint(findings):
 
 
 def test_the_table_has_a_header_and_a_row_per_epoch_with_std_corr_erank_and_knn(findings):
+    # proj. std, corr, erank: the projector's output h; z erank: the layer's output, which the loss compares
     _, log, _, printed = findings["zca"]
     lines = printed.splitlines()
     header = [i for i, line in enumerate(lines) if line.split()[:2] == ["epoch", "loss"]]
     assert len(header) == 1
-    assert re.fullmatch(r"\s*epoch\s+loss\s+lr\s+img/s\s+knn %\s+proj\. std\s+corr\s+erank\s+time", lines[header[0]])
+    assert re.fullmatch(r"\s*epoch\s+loss\s+lr\s+img/s\s+knn %\s+proj\. std\s+corr\s+erank\s+z erank\s+time",
+                        lines[header[0]])
     assert lines[header[0] - 1].startswith("fdsl: synthetic (512 / 200 images), small, decorr=zca groups=4")
-    widths = [5, 10, 9, 8, 6, 10, 5, 6, 7]  # right-aligned under the header's names
+    widths = [5, 10, 9, 8, 6, 10, 5, 6, 7, 7]  # right-aligned under the header's names
     for line, row in zip(lines[header[0] + 1:header[0] + 5], log):
         cells, at = [], 0
         for w in widths:
@@ -826,11 +842,11 @@ def test_the_table_has_a_header_and_a_row_per_epoch_with_std_corr_erank_and_knn(
             at += w + 1
         assert cells[0] == str(row["epoch"])
         if "knn_acc" in row:
-            p = row["collapse"]["projector"]
-            assert cells[4:8] == [f"{row['knn_acc']:.2f}", f"{p['std']:.4g}", f"{p['corr_strength']:.2f}",
-                                  f"{p['eff_rank']:.1f}"]
+            p, z = row["collapse"]["projector"], row["collapse"]["normalized"]
+            assert cells[4:9] == [f"{row['knn_acc']:.2f}", f"{p['std']:.4g}", f"{p['corr_strength']:.2f}",
+                                  f"{p['eff_rank']:.1f}", f"{z['eff_rank']:.1f}"]
         else:
-            assert cells[4:8] == ["", "", "", ""]
+            assert cells[4:9] == ["", "", "", "", ""]
         assert cells[1] == ("" if row["loss"] is None else f"{row['loss']:.4g}")
     assert f"k-NN {log[-1]['knn_acc']:.2f}% after 3 epochs" in printed
 
@@ -900,14 +916,23 @@ def test_ctrl_c_in_the_first_epoch_resumes_with_every_epoch_logged_once(tmp_path
     assert [row["epoch"] for row in read_log(run / "log.jsonl")] == [0, 1]
 
 
-def test_ctrl_c_before_anything_is_saved_says_so(tmp_path, monkeypatch, capsys):
-    def ctrl_c(cfg):
+def test_ctrl_c_before_anything_is_saved_says_so_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def ctrl_c(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(fdsl, "load_data", ctrl_c)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fdsl.main(SHORT + ["--out", str(tmp_path / "r")])
-    assert e.value.code == 130 and capsys.readouterr().err.strip() == "fdsl: interrupted; nothing saved yet"
+    for where in ("load_data", "evaluate"):  # before the run folder, and in epoch 0's evaluation: config.json
+        monkeypatch.setattr(fdsl, where, ctrl_c)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            fdsl.main(SHORT + ["--out", str(tmp_path / "r")])
+        assert e.value.code == 130 and capsys.readouterr().err.strip() == "fdsl: interrupted; nothing saved yet"
+        assert not (tmp_path / "r").exists()  # nothing to delete by hand, nothing that --resume would refuse
+        monkeypatch.undo()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    monkeypatch.setattr(fdsl, "evaluate", ctrl_c)
+    with pytest.raises(SystemExit):
+        fdsl.main(SHORT + ["--out", str(tmp_path / "mine")])
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # what the run wrote is gone, nothing else
 
 
 def test_resuming_a_finished_run_says_so_in_one_line(findings, capsys):
@@ -916,6 +941,20 @@ def test_resuming_a_finished_run_says_so_in_one_line(findings, capsys):
     assert fdsl.main(["--resume", str(run)]) == results
     out = capsys.readouterr().out.strip()
     assert out == f"fdsl: {run} is a finished run; start a new one to train longer"
+
+
+def test_output_to_a_file_has_no_progress_bars_and_a_short_warm_up_says_so(tmp_path):
+    # A log of a run is read later: no carriage returns from progress bars (on a terminal they are shown).
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        p = subprocess.run([sys.executable, FDSL, *SHORT, "--progress", "--warmup-epochs", "2", "--out",
+                            str(tmp_path / "r")], stdout=stdout, stderr=stderr, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, err.read_text()
+    printed = out.read_text() + err.read_text()
+    assert "\r" not in printed and "epoch 1/1" not in printed  # no bar, not even its last state
+    assert "note: the warm-up (2 epochs) is not shorter than the run" in printed
+    assert re.search(r"^\s+1\s+[\d.]+", out.read_text(), re.M)  # the table's rows are there
 
 
 def test_laptop_sets_the_laptop_recipe_and_flags_beside_it_win():
@@ -992,10 +1031,17 @@ def test_a_bad_flag_from_the_shell_has_no_traceback():
     assert p.stderr.strip() == "fdsl: error: --groups 3: a number that divides --proj-dim 512, or auto"
 
 
-def test_a_folder_that_holds_a_run_is_not_overwritten(findings, capsys):
+def test_a_folder_that_holds_a_run_is_not_overwritten(findings, tmp_path, capsys):
     _, log, run, _ = findings["bn"]
     assert_one_line_error(TINY + ["--out", str(run)], capsys, f"{run} already holds a run", f"--resume {run}")
     assert read_log(run / "log.jsonl") == log
+    for name in fdsl.RUN_FILES:  # any one of a run's files: a copy of a finished run has no checkpoint
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / name).write_text("{}")
+        err = assert_one_line_error(TINY + ["--out", str(folder)], capsys, f"{folder} already holds a run ({name})")
+        assert ("--resume" in err) == (name == "checkpoint.pt")  # only a checkpoint can be gone on with
+        assert os.listdir(folder) == [name] and (folder / name).read_text() == "{}"  # unchanged
 
 
 def test_resume_takes_the_saved_settings_only(findings, capsys):
@@ -1005,7 +1051,11 @@ def test_resume_takes_the_saved_settings_only(findings, capsys):
 
 
 def test_resume_of_a_folder_without_a_checkpoint_or_with_a_damaged_config(findings, tmp_path, capsys):
-    assert_one_line_error(["--resume", str(tmp_path)], capsys, f"--resume {tmp_path}: no checkpoint.pt there")
+    assert_one_line_error(["--resume", str(tmp_path)], capsys, f"--resume {tmp_path}: no checkpoint.pt there",
+                          "not an fdsl run folder")
+    (tmp_path / "config.json").write_text("{}")  # a run stopped before its first checkpoint (an older fdsl's)
+    assert_one_line_error(["--resume", str(tmp_path)], capsys, "stopped before its first checkpoint",
+                          "delete it and start anew")
     run = copy_run(findings, "bn", tmp_path)
     (run / "config.json").write_text('{"decorr": "bn", ')  # cut off mid-write
     assert_one_line_error(["--resume", str(run)], capsys, str(run / "config.json"), "cannot be read as JSON")
