@@ -54,6 +54,14 @@ def training(cfg):
     return parts, fdsl.make_step(cfg, parts, generator), generator
 
 
+def scheduled(step, x, parts):
+    """A call of step on x followed by the schedule's step, as training makes it."""
+    def call():
+        step(x)
+        parts["scheduler"].step()
+    return call
+
+
 def measure(cfg, steps):
     """The rows of the table: {name: seconds per call, or a word why not}."""
     x = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
@@ -61,12 +69,8 @@ def measure(cfg, steps):
     planned = cfg.step
     cfg.whiten_method = "eigh"
     parts, step, _ = training(cfg)
-
-    def eager_step():
-        step(x)
-        parts["scheduler"].step()
     rows = {"bare model": timed(bare_model(parts["model"], x, cfg), steps, cfg.device),
-            "eager full step (eigh)": timed(eager_step, steps, cfg.device)}
+            "eager full step (eigh)": timed(scheduled(step, x, parts), steps, cfg.device)}
     if planned != "graph":
         rows["graphed full step (newton)"] = "needs CUDA" if not cfg.device.startswith("cuda") else "not planned"
         return rows
@@ -76,11 +80,7 @@ def measure(cfg, steps):
     if graphed is step:  # the capture or its check failed; graph_step said why
         rows["graphed full step (newton)"] = "failed"
     else:
-
-        def graph_step():
-            graphed(x)
-            parts["scheduler"].step()
-        rows["graphed full step (newton)"] = timed(graph_step, steps, cfg.device)
+        rows["graphed full step (newton)"] = timed(scheduled(graphed, x, parts), steps, cfg.device)
     return rows
 
 
